@@ -1,0 +1,557 @@
+"""Spatial Gradient Scaling (SGS): attach to a model, refresh the scalings, scale gradients.
+
+Reference: A. Detkov, M. Salameh, M. F. Qharabagh, J. Zhang, W. Lui, S. Jui, D. Niu,
+"Reparameterization through Spatial Gradient Scaling", ICLR 2023.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .dependence import MEASURES, PairGeometry, make_accumulator
+from .distributed import check_same_on_all_ranks
+from .scaling import DEFAULT_FLOOR, _check_k, dependence_to_scaling
+from .transform import ParameterTransform
+
+_SGS = "SpatialGradientScaling"
+
+__all__ = ["LayerSelector", "RefreshSchedule", "SpatialGradientScaling", "eligible_convs"]
+
+#: A layer selector: module names or fnmatch patterns, or a predicate ``(name, module) -> bool``.
+LayerSelector = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
+
+
+@dataclass(frozen=True)
+class RefreshSchedule:
+    """When to recompute the scalings (paper Sec. 4 and Appendix A.5).
+
+    Epochs are counted from 0.  The first ``warmup`` epochs train with G = 1; the scalings are
+    then recomputed at epoch ``warmup`` and every ``every`` epochs after it, each time from
+    ``batches`` random training batches.  Paper defaults: CIFAR ``(1, 30, 20)`` of 600 epochs,
+    ImageNet ``(1, 5, 2)`` of 120, the ablation ``(1, 10, 2)`` of 200.
+    """
+
+    warmup: int = 1
+    every: int = 30
+    batches: int = 20
+
+    def __post_init__(self) -> None:
+        for label, v, low in (
+            ("warmup", self.warmup, 0),
+            ("every", self.every, 1),
+            ("batches", self.batches, 1),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"RefreshSchedule.{label} must be an int >= {low}, got {v!r}")
+
+    def due(self, epoch: int) -> bool:
+        """Whether a refresh is due at the start of ``epoch``."""
+        return epoch >= self.warmup and (epoch - self.warmup) % self.every == 0
+
+
+def _selector(select: LayerSelector, label: str) -> Callable[[str, nn.Module], bool] | None:
+    if select is None:
+        return None
+    if callable(select):
+        return select
+    patterns = [select] if isinstance(select, str) else list(select)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"{label} must be module names/patterns or a predicate (name, module) -> bool"
+        )
+    return lambda name, _m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _is_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd)
+
+
+def eligible_convs(
+    model: nn.Module,
+    include: LayerSelector = None,
+    exclude: LayerSelector = None,
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The convolutions SGS acts on, by name, and the skipped ones with the reason.
+
+    Eligible: every Conv1d/Conv2d/Conv3d (or subclass, grouped and depthwise included) whose
+    kernel is larger than 1 in some dimension.  ``include`` keeps only matching modules (an
+    explicitly included module that is not eligible raises); ``exclude`` drops matches.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inc, exc = _selector(include, "include"), _selector(exclude, "exclude")
+    chosen: dict[str, nn.Module] = {}
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not _is_conv(module):
+            continue
+        wanted = inc is None or inc(name, module)
+        if exc is not None and exc(name, module):
+            skipped[name] = "excluded"
+            continue
+        kind = type(module).__name__
+        if module.transposed:
+            reason = f"{kind} is a transposed convolution: SGS is defined for Conv1d/2d/3d only"
+        elif all(k == 1 for k in module.kernel_size):
+            reason = f"{kind} has kernel {tuple(module.kernel_size)}: nothing to scale"
+        elif not isinstance(getattr(module, "weight", None), nn.Parameter):
+            reason = (
+                f"{kind} has no plain Parameter 'weight' (parametrized or weight-normed modules "
+                "are not supported)"
+            )
+        else:
+            reason = ""
+        if reason:
+            if inc is not None and wanted and not callable(include):
+                raise ValueError(f"{reason} (module {name!r}, asked for by include)")
+            skipped[name] = reason
+            continue
+        if wanted:
+            chosen[name] = module
+    return chosen, skipped
+
+
+def _batch_input(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        return batch
+    raise TypeError(
+        "refresh batches must be tensors, (input, target, ...) tuples, or dicts of model "
+        f"keyword arguments; got {type(batch).__name__}"
+    )
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, Mapping):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed torch, numpy and ``random`` for a block and restore their states after it."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class _SampledBatches:
+    """``count`` random batches of a DataLoader's dataset, re-iterable and identical each time.
+
+    Each batch is collated from randomly drawn indices under a fixed seed (augmentations drawn
+    from torch, numpy or ``random`` repeat exactly), so the two passes of a refresh see the
+    same pixels while only one batch is held in memory at a time.
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader, count: int, seed: int) -> None:
+        self.dataset = loader.dataset
+        self.collate = loader.collate_fn
+        size = len(self.dataset)
+        batch_size = loader.batch_size
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(size, generator=gen)
+        total = min(size, count * batch_size)
+        self.chunks = [order[i : i + batch_size].tolist() for i in range(0, total, batch_size)]
+        self.seed = seed
+
+    def __iter__(self):
+        for j, chunk in enumerate(self.chunks):
+            with _seeded(self.seed * 1_000_003 + j):
+                yield self.collate([self.dataset[i] for i in chunk])
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+
+class SpatialGradientScaling(ParameterTransform):
+    r"""Spatial Gradient Scaling (Detkov et al., "Reparameterization through Spatial Gradient
+    Scaling", ICLR 2023).
+
+    For every eligible convolution l with weight ``W`` of shape ``(c_out, c_in/groups, *K)``,
+    the update becomes (paper Eq. 5)
+
+    .. math::  W \leftarrow W - \eta\, f(G_l \odot \partial L/\partial W, \dots)
+
+    where ``G_l`` (shape ``K``, broadcast over both channel dims, ``G_l > 0``, mean 1) comes
+    from the spatial dependence of the layer's input (paper Eq. 6–8):
+    ``G_l ∝ mean_c k·S_c / ((k−1)·S_c + 1)`` with ``S_c`` the normalised mutual information (or
+    |autocorrelation|) between each pixel and its kernel-offset neighbour in channel c
+    (:mod:`gradshape.dependence`).  Until the first :meth:`refresh` every ``G_l`` is 1, i.e.
+    plain training (the paper's warm-up).  Lemma 1: a fixed ``G = Σ_n M_n`` (see
+    :func:`gradshape.branch_scaling`) trains exactly like the multi-branch structure with
+    masks ``M_n``.
+
+    Args:
+        model: the network.  Layers are keyed by their names in ``model.named_modules()``.
+        k: the transform's hyperparameter (paper Eq. 8; ``k = 5`` is the paper's default and
+            ``k = 1`` uses the dependence as it is).
+        measure: ``"nmi"`` (paper) or ``"autocorrelation"`` (its ablation).
+        mode: ``"gradient"`` multiplies each conv weight's gradient by G before the optimizer
+            (exact Lemma 1 semantics; right for SGD with momentum/Nesterov/weight decay, and for
+            any optimizer, gradient accumulation, AMP and DDP).  ``"update"`` lets the optimizer
+            take its step and multiplies the step Δw by G (paper Appendix A.2's Adagrad*):
+            prefer it for adaptive optimizers (Adam, AdamW, Adagrad, RMSprop), whose
+            per-coordinate normalisation largely cancels a gradient scaling.
+        optimizer: the optimizer, required for ``mode="update"``.
+        include, exclude: module names, fnmatch patterns or a predicate ``(name, module)``.
+        diag_removal: drop pairs with a zero value and the joint histogram's diagonal (the
+            paper's ImageNet setting; see :mod:`gradshape.dependence`).
+        schedule: the refresh policy used by :meth:`maybe_refresh`.
+        floor: smallest relative scaling before normalisation (keeps G > 0).
+        seed: seeds the choice of refresh batches in :meth:`maybe_refresh`.
+        engine: ``"auto"`` (compiled CPU kernel when numba is installed, torch otherwise and on
+            GPUs), ``"compiled"`` or ``"torch"``.
+
+    .. warning::
+        Deviations from the authors' code, on purpose: values equal to an axis's maximum are
+        counted (their float32 ``max + 1e-12`` drops them); the layer's own padding mode is used
+        (theirs always zero-pads, identical for ``padding_mode="zeros"``); dilation multiplies
+        the offsets; a layer whose channels are all degenerate gets G = 1 with a warning
+        instead of being dropped.
+
+    Example::
+
+        sgs = gs.SpatialGradientScaling(model)          # attach: G = 1 until the first refresh
+        for epoch in range(epochs):
+            sgs.maybe_refresh(epoch, train_loader)      # warm-up 1, then every 30 epochs
+            for x, y in train_loader:                   # your loop, unchanged
+                ...
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        k: float = 5.0,
+        measure: str = "nmi",
+        *,
+        mode: str = "gradient",
+        optimizer: torch.optim.Optimizer | None = None,
+        include: LayerSelector = None,
+        exclude: LayerSelector = None,
+        diag_removal: bool = False,
+        schedule: RefreshSchedule | None = None,
+        floor: float = DEFAULT_FLOOR,
+        seed: int = 0,
+        engine: str = "auto",
+    ) -> None:
+        _check_k(k)
+        if measure not in MEASURES:
+            raise ValueError(
+                f"SpatialGradientScaling: unknown measure {measure!r}; expected one of {MEASURES}"
+            )
+        if engine not in ("auto", "compiled", "torch"):
+            raise ValueError(
+                f"{_SGS}: engine must be 'auto', 'compiled' or 'torch', got {engine!r}"
+            )
+        if not 0 < floor <= 1:
+            raise ValueError(f"SpatialGradientScaling: floor must lie in (0, 1], got {floor}")
+        if schedule is not None and not isinstance(schedule, RefreshSchedule):
+            raise TypeError("SpatialGradientScaling: schedule must be a RefreshSchedule")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{_SGS}: model must be a torch.nn.Module, got {type(model).__name__}")
+        # torch.compile wraps the model; forward hooks must sit on the original modules.
+        self._forward_model = getattr(model, "_orig_mod", model)
+        convs, skipped = eligible_convs(model, include, exclude)
+        if not convs:
+            raise ValueError(
+                f"SpatialGradientScaling: {type(model).__name__} has no Conv1d/Conv2d/Conv3d with "
+                "a kernel larger than 1 to scale"
+                + (f" (skipped: {dict(list(skipped.items())[:5])})" if skipped else "")
+            )
+        self._check_shared_weights(convs)
+        self.model = model
+        self.modules: dict[str, nn.Module] = convs
+        self.skipped: dict[str, str] = skipped
+        self.k = float(k)
+        self.measure = measure
+        self.diag_removal = bool(diag_removal)
+        self.schedule = schedule or RefreshSchedule()
+        self.floor = float(floor)
+        self.seed = int(seed)
+        self.engine = engine
+        self._geometry = {n: PairGeometry.from_conv(m) for n, m in convs.items()}
+        self._scalings: dict[str, torch.Tensor] = {
+            n: torch.ones(m.kernel_size, dtype=torch.float32) for n, m in convs.items()
+        }
+        self._pinned: set[str] = set()
+        self._device_cache: dict[str, torch.Tensor] = {}
+        self.refresh_count = 0
+        self.last_refresh_epoch: int | None = None
+        self.history: list[tuple[int | None, dict[str, torch.Tensor]]] = []
+        super().__init__({n: m.weight for n, m in convs.items()}, mode=mode, optimizer=optimizer)
+
+    @staticmethod
+    def _check_shared_weights(convs: Mapping[str, nn.Module]) -> None:
+        seen: dict[int, str] = {}
+        for name, m in convs.items():
+            other = seen.setdefault(id(m.weight), name)
+            if other != name:
+                raise ValueError(
+                    f"SpatialGradientScaling: modules {other!r} and {name!r} share one weight; "
+                    "exclude one of them (its gradient would be scaled twice)"
+                )
+
+    # ---- the map ------------------------------------------------------------------------
+    def apply(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``G_name ⊙ tensor``, G broadcast over the channel dims (or per output channel)."""
+        g = self._device_cache.get(name)
+        if g is None or g.device != tensor.device or g.dtype != tensor.dtype:
+            g = self._scalings[name].to(tensor.device, tensor.dtype)
+            # kernel-shaped: broadcast over (c_out, c_in); (c_out, *kernel): over c_in only
+            g = g.unsqueeze(0).unsqueeze(0) if g.dim() == tensor.dim() - 2 else g.unsqueeze(1)
+            self._device_cache[name] = g
+        return tensor * g
+
+    # ---- scalings -----------------------------------------------------------------------
+    @property
+    def scalings(self) -> dict[str, torch.Tensor]:
+        """Module name → current G (a copy; kernel-shaped, or ``(c_out, *kernel)`` if pinned so)."""
+        return {n: g.clone() for n, g in self._scalings.items()}
+
+    def set_scaling(self, name: str, scaling: torch.Tensor | Sequence) -> None:
+        """Pin a fixed scaling for one layer; refreshes leave it alone.
+
+        ``scaling`` has the kernel's shape, or ``(c_out, *kernel)`` for one scaling per output
+        channel (RepOptimizer-style masks).  It is used as given, not mean-normalised, so that
+        :func:`gradshape.branch_scaling` reproduces Lemma 1 exactly.  Entries must be finite
+        and > 0.
+        """
+        if name not in self._scalings:
+            layers = list(self._scalings)[:10]
+            raise KeyError(f"{_SGS}: no scaled layer named {name!r}; layers: {layers}")
+        self._store(name, self._validated(name, scaling))
+        self._pinned.add(name)
+
+    def _validated(self, name: str, scaling: torch.Tensor | Sequence) -> torch.Tensor:
+        g = torch.as_tensor(scaling).detach().to("cpu")
+        if not g.is_floating_point():
+            g = g.double()
+        module = self.modules[name]
+        kernel = tuple(module.kernel_size)
+        if tuple(g.shape) not in (kernel, (module.out_channels, *kernel)):
+            raise ValueError(
+                f"scaling for {name!r} has shape {tuple(g.shape)}; expected the kernel shape "
+                f"{kernel} or (out_channels, *kernel) = {(module.out_channels, *kernel)}"
+            )
+        if not bool(torch.isfinite(g).all()) or not bool((g > 0).all()):
+            raise ValueError(f"scaling for {name!r} must be finite and strictly positive")
+        return g.clone()
+
+    def unpin(self, name: str) -> None:
+        """Let refreshes update ``name`` again (its G stays until the next refresh)."""
+        self._pinned.discard(name)
+
+    def _store(self, name: str, g: torch.Tensor) -> None:
+        dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+        self._scalings[name] = g.to(dtype)
+        self._device_cache.pop(name, None)
+
+    # ---- refresh ------------------------------------------------------------------------
+    def refresh(
+        self, batches: Iterable[Any], *, epoch: int | None = None
+    ) -> SpatialGradientScaling:
+        """Recompute every (non-pinned) layer's G from the inputs it sees on ``batches``.
+
+        ``batches`` yields input tensors, ``(input, target, ...)`` tuples (the first item is
+        fed to the model) or dicts of keyword arguments.  The model runs in eval mode under
+        ``torch.no_grad()`` and every module's training flag is restored afterwards.  NMI needs
+        two passes over the same batches: a list or tuple is iterated twice; any other
+        iterable (a generator, a shuffling DataLoader) is first collected into a list.  Only
+        one batch at a time is on the model's device.  Under ``torch.distributed`` all ranks
+        must call this together (see :mod:`gradshape.distributed`).  Returns ``self``.
+        """
+        if isinstance(batches, torch.Tensor):
+            batches = [batches]
+        passes = 2 if self.measure == "nmi" else 1
+        if passes > 1 and not isinstance(batches, (Sequence, _SampledBatches)):
+            batches = list(batches)
+        targets = [n for n in self._scalings if n not in self._pinned]
+        check_same_on_all_ranks(
+            repr([(n, tuple(self.modules[n].kernel_size)) for n in targets]) + self.measure,
+            "the layers to refresh",
+        )
+        if not targets:
+            return self
+        accumulators = {
+            n: make_accumulator(
+                self.measure,
+                self._geometry[n],
+                diag_removal=self.diag_removal,
+                layer=n,
+                engine=self.engine,
+            )
+            for n in targets
+        }
+        device = _model_device(self._forward_model)
+        seen_batch = False
+        with _eval_mode(self._forward_model), torch.no_grad():
+            handles = [
+                self.modules[n].register_forward_pre_hook(_observer(accumulators[n]))
+                for n in targets
+            ]
+            try:
+                for _ in range(passes):
+                    for batch in batches:
+                        seen_batch = True
+                        inputs = _to_device(_batch_input(batch), device)
+                        if isinstance(inputs, Mapping):
+                            self._forward_model(**inputs)
+                        else:
+                            self._forward_model(inputs)
+                    if not seen_batch:
+                        raise ValueError(
+                            "SpatialGradientScaling.refresh: the batch iterable is empty"
+                        )
+                    for acc in accumulators.values():
+                        acc.end_pass()
+            finally:
+                for h in handles:
+                    h.remove()
+        for n, acc in accumulators.items():
+            g = dependence_to_scaling(acc.result(), self.k, floor=self.floor, layer=n)
+            self._store(n, g.float())
+        self.refresh_count += 1
+        self.last_refresh_epoch = epoch
+        self.history.append((epoch, self.scalings))
+        return self
+
+    def maybe_refresh(self, epoch: int, loader: Iterable[Any]) -> bool:
+        """Refresh at the start of ``epoch`` if :attr:`schedule` says so; returns whether it did.
+
+        With a ``DataLoader`` (that has a ``batch_size``) the refresh batches are
+        ``schedule.batches`` batches of randomly drawn samples, seeded by ``seed`` and the
+        refresh count (reproducible, resumable, independent of the loader's shuffling); with
+        any other iterable, its first ``schedule.batches`` items.  Calling it twice for the
+        same epoch refreshes once.
+        """
+        if not self.schedule.due(epoch) or self.last_refresh_epoch == epoch:
+            return False
+        if isinstance(loader, torch.utils.data.DataLoader) and loader.batch_size is not None:
+            batches = _SampledBatches(loader, self.schedule.batches, self.seed + self.refresh_count)
+        else:
+            batches = []
+            for i, b in enumerate(loader):
+                if i >= self.schedule.batches:
+                    break
+                batches.append(b)
+        self.refresh(batches, epoch=epoch)
+        return True
+
+    # ---- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors and Python values: settings, scalings, pins, schedule position, history."""
+        return {
+            "settings": {
+                "k": self.k,
+                "measure": self.measure,
+                "mode": self.mode,
+                "diag_removal": self.diag_removal,
+                "floor": self.floor,
+                "seed": self.seed,
+                "schedule": asdict(self.schedule),
+            },
+            "scalings": self.scalings,
+            "pinned": sorted(self._pinned),
+            "refresh_count": self.refresh_count,
+            "last_refresh_epoch": self.last_refresh_epoch,
+            "history": [(e, {n: g.clone() for n, g in s.items()}) for e, s in self.history],
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; layer names and shapes must match this model's."""
+        super().load_state_dict(state_dict)
+        missing = {"settings", "scalings"} - set(state_dict)
+        if missing:
+            raise ValueError(
+                f"SpatialGradientScaling.load_state_dict: missing keys {sorted(missing)}"
+            )
+        settings = dict(state_dict["settings"])
+        if settings.get("mode", self.mode) != self.mode:
+            raise ValueError(
+                f"SpatialGradientScaling.load_state_dict: state was saved in mode "
+                f"{settings['mode']!r}, this instance is in mode {self.mode!r}"
+            )
+        scalings = state_dict["scalings"]
+        if set(scalings) != set(self._scalings):
+            extra, lacking = (
+                set(scalings) - set(self._scalings),
+                set(self._scalings) - set(scalings),
+            )
+            raise ValueError(
+                "SpatialGradientScaling.load_state_dict: layers differ "
+                f"(in state only: {sorted(extra)[:5]}, in model only: {sorted(lacking)[:5]})"
+            )
+        checked = {name: self._validated(name, g) for name, g in scalings.items()}
+        k = settings.get("k", self.k)
+        _check_k(k)
+        measure = settings.get("measure", self.measure)
+        if measure not in MEASURES:
+            raise ValueError(f"SpatialGradientScaling.load_state_dict: unknown measure {measure!r}")
+        self.k, self.measure = float(k), measure
+        self.diag_removal = bool(settings.get("diag_removal", self.diag_removal))
+        self.floor = float(settings.get("floor", self.floor))
+        self.seed = int(settings.get("seed", self.seed))
+        if "schedule" in settings:
+            self.schedule = RefreshSchedule(**settings["schedule"])
+        for name, g in checked.items():
+            self._store(name, g)
+        self._pinned = set(state_dict.get("pinned", []))
+        self.refresh_count = int(state_dict.get("refresh_count", 0))
+        self.last_refresh_epoch = state_dict.get("last_refresh_epoch")
+        self.history = [
+            (e, {n: torch.as_tensor(g).clone() for n, g in s.items()})
+            for e, s in state_dict.get("history", [])
+        ]
+
+    def __repr__(self) -> str:
+        return (
+            f"{_SGS}(layers={len(self._scalings)}, k={self.k}, measure={self.measure!r}, "
+            f"mode={self.mode!r}, refreshes={self.refresh_count})"
+        )
+
+
+def _observer(acc):
+    def hook(_module, args):
+        if not args:
+            raise ValueError(f"{acc.layer!r} was called without a positional input")
+        acc.observe(args[0])
+
+    return hook
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
