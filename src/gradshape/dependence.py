@@ -92,7 +92,11 @@ class PairGeometry:
         padding_mode: str = "zeros",
     ) -> PairGeometry:
         """Geometry from conv-style arguments (``padding`` may be ``"same"`` or ``"valid"``)."""
-        kernel_size = tuple(int(k) for k in kernel_size)
+        if not isinstance(kernel_size, Sequence) or isinstance(kernel_size, str):
+            raise TypeError(
+                f"kernel_size must be a sequence of ints, one per spatial dim, got {kernel_size!r}"
+            )
+        kernel_size = _ints(kernel_size, "kernel_size")
         dims = len(kernel_size)
         if dims < 1 or any(k < 1 for k in kernel_size):
             raise ValueError(f"kernel_size must be positive ints, got {kernel_size}")
@@ -110,12 +114,21 @@ class PairGeometry:
                     f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}"
                 )
         else:
-            items = [padding] * dims if isinstance(padding, int) else list(padding)
+            if _is_int(padding):
+                items = [padding] * dims
+            elif isinstance(padding, Sequence):
+                items = list(padding)
+            else:
+                raise TypeError(
+                    f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}"
+                )
             if len(items) != dims:
                 raise ValueError(f"padding {padding} does not match {dims} spatial dims")
             pads = tuple(
-                (int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in items
+                (p, p) if _is_int(p) else _ints(p, "padding (before, after)") for p in items
             )
+            if any(len(pair) != 2 for pair in pads):
+                raise ValueError(f"padding per dim must be an int or a pair, got {pads}")
         if any(p < 0 for pair in pads for p in pair):
             raise ValueError(f"padding must be >= 0, got {pads}")
         if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
@@ -166,6 +179,15 @@ class PairGeometry:
         if not any(p for pair in self.padding for p in pair):
             return x
         flat = [p for pair in reversed(self.padding) for p in pair]
+        if self.padding_mode in ("reflect", "circular"):
+            # reflect pads at most size - 1, circular at most size (as the conv requires)
+            slack = 1 if self.padding_mode == "reflect" else 0
+            sizes = x.shape[2:]
+            if any(max(p) > n - slack for p, n in zip(self.padding, sizes, strict=True)):
+                raise ValueError(
+                    f"{self.padding_mode} padding {self.padding} needs a larger map than "
+                    f"{tuple(x.shape[2:])}"
+                )
         if self.padding_mode == "zeros":
             return F.pad(x, flat)
         return F.pad(x, flat, mode=self.padding_mode)
@@ -196,10 +218,20 @@ class PairGeometry:
         return out.reshape(channels, *self.kernel_size)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _ints(values, label: str) -> tuple[int, ...]:
+    if not isinstance(values, Sequence) or not all(_is_int(v) for v in values):
+        raise TypeError(f"{label} must be ints, got {values!r}")
+    return tuple(int(v) for v in values)
+
+
 def _per_dim(value, dims: int, label: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * dims
-    value = tuple(int(v) for v in value)
+    if _is_int(value):
+        return (int(value),) * dims
+    value = _ints(value, label)
     if len(value) != dims:
         raise ValueError(f"{label} {value} does not match {dims} spatial dims")
     return value
@@ -296,6 +328,7 @@ class NMIAccumulator(DependenceAccumulator):
         self._lo_g = self._hi_g = None
         self._nbins: torch.Tensor | None = None
         self._hist: torch.Tensor | None = None
+        self._units: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- pass 0: ranges and counts ------------------------------------------------------
     def _observe_ranges(self, xp: torch.Tensor) -> None:
@@ -366,12 +399,46 @@ class NMIAccumulator(DependenceAccumulator):
             [[1 + (int(v) - 1).bit_length() if v > 0 else 1 for v in row] for row in n.tolist()],
             dtype=torch.long,
             device=n.device,
-        )
-        bmax = int(self._nbins.max())
+        ).reshape(n.shape)
+        bmax = int(self._nbins.max()) if self._n_off else 1  # no offsets: a 1×…×1 kernel
         c = n.shape[1]
         self._hist = torch.zeros(self._n_off, c, bmax, bmax, dtype=torch.int64, device=n.device)
         # The shared binning of the compiled kernel: the map's own range with the most common B.
-        self._nbins_g = self._nbins.mode(dim=0).values
+        self._nbins_g = (
+            self._nbins.mode(dim=0).values
+            if self._n_off
+            else torch.ones(c, dtype=torch.long, device=n.device)
+        )
+        self._rescale_overflowing_ranges()
+
+    def _rescale_overflowing_ranges(self) -> None:
+        """Scale the channels whose binning would overflow by a power of two (float64 maps).
+
+        The bin ``(v − lo)·B/(hi − lo)`` overflows when a range is wider than the largest
+        double (hi − lo = inf) or so narrow that B/(hi − lo) is inf (denormal values), and the
+        integer conversion of inf or NaN is undefined.  Multiplying v, lo and hi by one power
+        of two is exact and leaves every bin index unchanged, so such a channel is mapped to
+        |v| < 1 here (its ranges) and in :meth:`_observe_counts` (its values); other channels
+        are left alone.  float32 maps never need it: their ranges are held in float64.
+        """
+        unsafe = torch.zeros_like(self._lo_g, dtype=torch.bool)
+        for lo, hi, nb in (
+            (self._lo_p, self._hi_p, self._nbins),
+            (self._lo_q, self._hi_q, self._nbins),
+            (self._lo_g, self._hi_g, self._nbins_g),
+        ):
+            width = hi - lo
+            fine = torch.isfinite(width) & ((width == 0) | torch.isfinite(nb / width))
+            bad = (lo <= hi) & ~fine  # lo > hi: an offset without pairs, never binned
+            unsafe |= bad if bad.dim() == 1 else bad.any(dim=0)
+        if not bool(unsafe.any()):
+            self._units = None
+            return
+        top = torch.maximum(self._lo_g.abs(), self._hi_g.abs())
+        first, second = _pow2_units(torch.where(unsafe, top, torch.zeros_like(top)))
+        for t in (self._lo_p, self._hi_p, self._lo_q, self._hi_q, self._lo_g, self._hi_g):
+            t.mul_(first).mul_(second)
+        self._units = (first, second)
 
     # ---- pass 1: histograms -------------------------------------------------------------
     def _use_compiled(self, xp: torch.Tensor) -> bool:
@@ -382,6 +449,11 @@ class NMIAccumulator(DependenceAccumulator):
     def _observe_counts(self, xp: torch.Tensor) -> None:
         if self._hist is None:
             raise RuntimeError("internal: histogram pass before the range pass")
+        if not self._n_off:
+            return
+        if self._units is not None:
+            shape = (1, -1) + (1,) * (xp.dim() - 2)
+            xp = xp.double() * self._units[0].view(shape) * self._units[1].view(shape)
         if self._use_compiled(xp):
             self._counts_compiled(xp)
         else:
@@ -395,6 +467,7 @@ class NMIAccumulator(DependenceAccumulator):
             offsets = np.array(self.geometry.offsets, dtype=np.int64).reshape(-1, 2)
         arr = np.ascontiguousarray(xp.numpy())
         hist = self._hist.numpy()
+        threads = torch.get_num_threads()
         _kernels.joint_counts_2d(
             arr,
             offsets,
@@ -409,6 +482,10 @@ class NMIAccumulator(DependenceAccumulator):
             self.diag_removal,
             hist,
         )
+        if torch.get_num_threads() != threads:
+            # numba's OpenMP layer resets the process-wide OpenMP thread count when it starts;
+            # the user's torch.set_num_threads must survive a refresh.
+            torch.set_num_threads(threads)
 
     def _counts_torch(self, xp: torch.Tensor) -> None:
         c = xp.shape[1]
@@ -459,6 +536,18 @@ class NMIAccumulator(DependenceAccumulator):
         return self.geometry.expand(nmi)
 
 
+def _pow2_units(top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two powers of two whose product 2^−e brings each ``top ≥ 0`` into [0.5, 1) (1 for 0).
+
+    Multiplying by a power of two is exact (short of underflow), so statistics invariant to a
+    common scale of P and Q (bins, Pearson r) keep their values.  2^−e comes in two factors
+    because it may lie outside the float64 range (e = −1073 for the smallest denormal).
+    """
+    exponent = torch.frexp(top.double()).exponent.double()
+    first = torch.floor(-exponent / 2)
+    return torch.pow(2.0, first), torch.pow(2.0, -exponent - first)
+
+
 def _bin_torch(
     v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, nbins: torch.Tensor
 ) -> torch.Tensor:
@@ -485,7 +574,8 @@ def nmi_from_counts(hist: torch.Tensor) -> torch.Tensor:
     h_joint = entropy(hist, (-2, -1))
     h_p = entropy(hist.sum(-1), (-1,))
     h_q = entropy(hist.sum(-2), (-1,))
-    nmi = (h_p + h_q - h_joint) / h_joint
+    # 0 ≤ I(P; Q) ≤ H(P, Q) holds exactly; clamping removes round-off just outside it.
+    nmi = ((h_p + h_q - h_joint) / h_joint).clamp(0.0, 1.0)
     return torch.where(h_joint > 0, nmi, torch.nan)
 
 
@@ -504,21 +594,30 @@ class AutocorrelationAccumulator(DependenceAccumulator):
         self.diag_removal = diag_removal
         self._sums: torch.Tensor | None = None  # (6, O, C): n, Σp, Σq, Σp², Σq², Σpq
         self._shift: torch.Tensor | None = None
+        self._units: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def observe(self, x: torch.Tensor) -> None:
         if self._pass != 0:
             raise RuntimeError("AutocorrelationAccumulator takes one pass")
-        xp = self._prepare(x).double()
+        # Contiguous: the sums' rounding must not depend on the input's memory layout.
+        xp = self._prepare(x).double().contiguous()
         c = xp.shape[1]
         spatial = _spatial_dims(xp)
-        self._check_finite(xp.amin(dim=(0, *spatial)), xp.amax(dim=(0, *spatial)))
+        lo, hi = xp.amin(dim=(0, *spatial)), xp.amax(dim=(0, *spatial))
+        self._check_finite(lo, hi)
+        view = (1, c) + (1,) * len(spatial)
         if self._sums is None:
             self._sums = torch.zeros(
                 6, len(self.geometry.offsets), c, dtype=torch.float64, device=xp.device
             )
-            # Moments about a per-channel shift avoid cancellation when |mean| >> std.
-            self._shift = xp.mean(dim=(0, *spatial))
-        xs = xp - self._shift.view(1, c, *([1] * len(spatial)))
+            # Values in units of a per-channel power of two (exact, |r| does not depend on it)
+            # keep the squares from overflowing or underflowing; moments about a per-channel
+            # shift avoid cancellation when |mean| >> std.
+            self._units = _pow2_units(torch.maximum(lo.abs(), hi.abs()))
+            self._shift = (xp * self._units[0].view(view) * self._units[1].view(view)).mean(
+                dim=(0, *spatial)
+            )
+        xs = xp * self._units[0].view(view) * self._units[1].view(view) - self._shift.view(view)
         dims = (0, *spatial)
         for o, offset in enumerate(self.geometry.offsets):
             p_sl, q_sl, pixels = self.geometry.windows(xp.shape[2:], offset)
@@ -545,10 +644,21 @@ class AutocorrelationAccumulator(DependenceAccumulator):
         if self._sums is None:
             raise ValueError(f"no input reached {self.layer!r} during the refresh")
         if is_distributed():
-            # Ranks used different shifts: move every rank's sums to shift 0 before adding.
+            # Ranks used different units and shifts: move every rank's sums to a common unit
+            # and to shift 0 before adding.
+            self._to_common_unit()
             self._unshift()
             all_reduce_(self._sums, "sum")
         super().end_pass()
+
+    def _to_common_unit(self) -> None:
+        """Rescale the sums to the smallest unit over the ranks (factors r ≤ 1, no overflow)."""
+        log_unit = torch.log2(self._units[0]) + torch.log2(self._units[1])
+        common = all_reduce_(log_unit.clone(), "min")
+        r = torch.pow(2.0, common - log_unit)
+        n, sp, sq, spp, sqq, spq = self._sums
+        self._sums = torch.stack([n, sp * r, sq * r, spp * r * r, sqq * r * r, spq * r * r])
+        self._shift = self._shift * r
 
     def _unshift(self) -> None:
         n, sp, sq, spp, sqq, spq = self._sums
@@ -614,6 +724,15 @@ def spatial_dependence(
     ``inputs`` has shape ``(N, C, *spatial)`` (or is a list of such maps, whose pairs are
     pooled).  See the module docstring for the definition.
     """
+    if not isinstance(inputs, (torch.Tensor, Sequence)) or isinstance(inputs, str):
+        raise TypeError(
+            "spatial_dependence: inputs must be a tensor (N, C, *spatial) or a sequence of them, "
+            f"got {type(inputs).__name__}"
+        )
+    if not isinstance(diag_removal, bool):
+        raise TypeError(
+            f"spatial_dependence: diag_removal must be a bool, got {type(diag_removal).__name__}"
+        )
     maps = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
     if not maps:
         raise ValueError("spatial_dependence: no feature maps given")

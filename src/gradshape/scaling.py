@@ -49,6 +49,8 @@ def k_transform(s: torch.Tensor, k: float) -> torch.Tensor:
     small dependences (flatter scalings), ``k < 1`` suppresses them, ``k = 1`` is the identity.
     NaN entries stay NaN.
     """
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"k_transform: s must be a tensor, got {type(s).__name__}")
     _check_k(k)
     if k == 1.0:
         return s.clone()
@@ -60,6 +62,13 @@ def _check_k(k: float) -> None:
         raise TypeError(f"k must be a real number, got {type(k).__name__}")
     if not math.isfinite(k) or k <= 0:
         raise ValueError(f"k must be finite and > 0, got {k}")
+
+
+def _check_floor(floor: float, where: str) -> None:
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)):
+        raise TypeError(f"{where}: floor must be a real number, got {type(floor).__name__}")
+    if not 0 < floor <= 1:
+        raise ValueError(f"{where}: floor must lie in (0, 1], got {floor}")
 
 
 def dependence_to_scaling(
@@ -85,10 +94,24 @@ def dependence_to_scaling(
         channel is NaN gets the floor.  When every channel is degenerate at every off-centre
         position, ``G`` is all ones and a :class:`RuntimeWarning` names the layer.
     """
-    if dependence.dim() < 2:
-        raise ValueError(f"dependence must have shape (C, *kernel), got {tuple(dependence.shape)}")
-    if not 0 < floor <= 1:
-        raise ValueError(f"floor must lie in (0, 1], got {floor}")
+    if not isinstance(dependence, torch.Tensor):
+        raise TypeError(
+            f"dependence_to_scaling: dependence must be a tensor, got {type(dependence).__name__}"
+        )
+    if dependence.dim() < 2 or dependence.shape[0] == 0 or dependence[0].numel() == 0:
+        raise ValueError(
+            "dependence_to_scaling: dependence must have shape (C, *kernel) with C >= 1, got "
+            f"{tuple(dependence.shape)}"
+        )
+    if dependence.is_complex():
+        raise TypeError("dependence_to_scaling: dependence must be real")
+    _check_floor(floor, "dependence_to_scaling")
+    defined = dependence[~torch.isnan(dependence)]
+    if not bool(((defined >= 0) & (defined <= 1)).all()):
+        raise ValueError(
+            f"dependence_to_scaling: the dependence of {layer!r} must lie in [0, 1] (NaN where "
+            "undefined)"
+        )
     s = k_transform(dependence.double(), k)
     valid = ~torch.isnan(s)
     counts = valid.sum(0)
@@ -129,10 +152,17 @@ def masks_to_scaling(masks: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if isinstance(masks, torch.Tensor) or not isinstance(masks, Sequence) or not masks:
         raise TypeError("masks must be a non-empty sequence of tensors (one per branch)")
-    shape = torch.as_tensor(masks[0]).shape
-    total = torch.zeros(shape, dtype=torch.float64)
+    converted = []
     for i, m in enumerate(masks):
-        m = torch.as_tensor(m, dtype=torch.float64)
+        try:
+            converted.append(torch.as_tensor(m, dtype=torch.float64))
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"masks[{i}] must be a tensor of 0s and 1s ({err})") from None
+    shape = converted[0].shape
+    if not shape:
+        raise ValueError("masks[0] is a scalar; each mask has the kernel's shape")
+    total = torch.zeros(shape, dtype=torch.float64)
+    for i, m in enumerate(converted):
         if m.shape != shape:
             raise ValueError(f"masks[{i}] has shape {tuple(m.shape)}, expected {tuple(shape)}")
         if not bool(((m == 0) | (m == 1)).all()):
@@ -147,9 +177,13 @@ def masks_to_scaling(masks: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _kernel_2d(kernel_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(kernel_size, int):
+    if isinstance(kernel_size, int) and not isinstance(kernel_size, bool):
         kernel_size = (kernel_size, kernel_size)
-    kernel_size = tuple(int(s) for s in kernel_size)
+    if not isinstance(kernel_size, Sequence) or not all(
+        isinstance(s, int) and not isinstance(s, bool) for s in kernel_size
+    ):
+        raise TypeError(f"kernel_size must be an int or a pair of ints, got {kernel_size!r}")
+    kernel_size = tuple(kernel_size)
     if len(kernel_size) != 2 or any(s < 1 or s % 2 == 0 for s in kernel_size):
         raise ValueError(
             f"kernel_size must be an odd int or a pair of odd ints (a branch structure needs a "
@@ -172,6 +206,8 @@ def branch_scaling(kind: str, kernel_size: int | Sequence[int] = 3) -> torch.Ten
         ACNet and RepVGG train), DBB's sequential and pooling branches, and adaptive optimizers
         make the scaling an approximation of the structure's dynamics.
     """
+    if not isinstance(kind, str):
+        raise TypeError(f"branch_scaling: kind must be a string, got {type(kind).__name__}")
     if kind not in BRANCH_KINDS:
         raise ValueError(
             f"unknown branch structure {kind!r}; expected one of {sorted(BRANCH_KINDS)}"

@@ -7,27 +7,26 @@ Reference: A. Detkov, M. Salameh, M. F. Qharabagh, J. Zhang, W. Lui, S. Jui, D. 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
+import numbers
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .dependence import MEASURES, PairGeometry, make_accumulator
-from .distributed import check_same_on_all_ranks
-from .scaling import DEFAULT_FLOOR, _check_k, dependence_to_scaling
+from .distributed import check_same_on_all_ranks, fail_together, rank_and_world
+from .scaling import DEFAULT_FLOOR, _check_floor, _check_k, dependence_to_scaling
+from .selection import LayerSelector, layer_predicate, unwrap_model
 from .transform import ParameterTransform
 
 _SGS = "SpatialGradientScaling"
 
-__all__ = ["LayerSelector", "RefreshSchedule", "SpatialGradientScaling", "eligible_convs"]
-
-#: A layer selector: module names or fnmatch patterns, or a predicate ``(name, module) -> bool``.
-LayerSelector = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
+__all__ = ["RefreshSchedule", "SpatialGradientScaling", "eligible_convs"]
 
 
 @dataclass(frozen=True)
@@ -55,20 +54,15 @@ class RefreshSchedule:
 
     def due(self, epoch: int) -> bool:
         """Whether a refresh is due at the start of ``epoch``."""
+        _check_epoch(epoch, "RefreshSchedule.due")
         return epoch >= self.warmup and (epoch - self.warmup) % self.every == 0
 
 
-def _selector(select: LayerSelector, label: str) -> Callable[[str, nn.Module], bool] | None:
-    if select is None:
-        return None
-    if callable(select):
-        return select
-    patterns = [select] if isinstance(select, str) else list(select)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(
-            f"{label} must be module names/patterns or a predicate (name, module) -> bool"
-        )
-    return lambda name, _m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+def _check_epoch(epoch: Any, where: str) -> None:
+    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
+        raise TypeError(f"{where}: epoch must be an int, got {type(epoch).__name__}")
+    if epoch < 0:
+        raise ValueError(f"{where}: epoch must be >= 0 (epochs count from 0), got {epoch}")
 
 
 def _is_conv(module: nn.Module) -> bool:
@@ -79,16 +73,20 @@ def eligible_convs(
     model: nn.Module,
     include: LayerSelector = None,
     exclude: LayerSelector = None,
+    *,
+    parametrized: bool = True,
 ) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The convolutions SGS acts on, by name, and the skipped ones with the reason.
 
     Eligible: every Conv1d/Conv2d/Conv3d (or subclass, grouped and depthwise included) whose
-    kernel is larger than 1 in some dimension.  ``include`` keeps only matching modules (an
-    explicitly included module that is not eligible raises); ``exclude`` drops matches.
+    kernel is larger than 1 in some dimension and whose weight is a Parameter or, if
+    ``parametrized``, a ``torch.nn.utils.parametrize`` parametrization.  ``include`` keeps only
+    matching modules (an explicitly included module that is not eligible raises); ``exclude``
+    drops matches.  A chosen lazy conv whose weight is not materialised yet raises.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inc, exc = _selector(include, "include"), _selector(exclude, "exclude")
+    inc, exc = layer_predicate(include, "include"), layer_predicate(exclude, "exclude")
     chosen: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
@@ -103,10 +101,18 @@ def eligible_convs(
             reason = f"{kind} is a transposed convolution: SGS is defined for Conv1d/2d/3d only"
         elif all(k == 1 for k in module.kernel_size):
             reason = f"{kind} has kernel {tuple(module.kernel_size)}: nothing to scale"
+        elif parametrize.is_parametrized(module, "weight"):
+            reason = (
+                ""
+                if parametrized
+                else f"{kind}'s weight is parametrized: mode='update' rescales optimizer steps of "
+                "plain Parameters only; use mode='gradient'"
+            )
         elif not isinstance(getattr(module, "weight", None), nn.Parameter):
             reason = (
-                f"{kind} has no plain Parameter 'weight' (parametrized or weight-normed modules "
-                "are not supported)"
+                f"{kind}'s weight is not a Parameter (the deprecated torch.nn.utils.weight_norm "
+                "and spectral_norm recompute it each forward): use "
+                "torch.nn.utils.parametrizations.weight_norm / spectral_norm instead"
             )
         else:
             reason = ""
@@ -116,8 +122,78 @@ def eligible_convs(
             skipped[name] = reason
             continue
         if wanted:
+            if isinstance(module.weight, nn.parameter.UninitializedParameter):
+                raise ValueError(
+                    f"{kind} {name!r} is lazy and its weight is not materialised yet: run one "
+                    "forward pass (model(example_batch)) before attaching, or exclude it"
+                )
             chosen[name] = module
     return chosen, skipped
+
+
+def _weight_parameter(conv: nn.Module) -> nn.Parameter:
+    """The Parameter behind a conv's weight: ``weight`` itself or, for a parametrized weight,
+    the (first) tensor it is computed from."""
+    if parametrize.is_parametrized(conv, "weight"):
+        chain = conv.parametrizations.weight
+        return chain.original if hasattr(chain, "original") else chain.original0
+    return conv.weight
+
+
+def _broadcast_scaling(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``g`` on ``like``'s device and dtype, broadcastable against a weight-shaped ``like``."""
+    g = g.to(like.device, like.dtype)
+    # kernel-shaped: broadcast over (c_out, c_in); (c_out, *kernel): over c_in only
+    return g.unsqueeze(0).unsqueeze(0) if g.dim() == like.dim() - 2 else g.unsqueeze(1)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the backward multiplies the incoming gradient by G (broadcast)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scaling)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (scaling,) = ctx.saved_tensors
+        return grad * _broadcast_scaling(scaling, grad), None
+
+
+class _GradientScaling(nn.Module):
+    """The parametrization SGS appends to a parametrized conv weight (mode="gradient").
+
+    Forward it is the identity; backward it multiplies ∂L/∂W of the effective weight W by G,
+    which then flows through the user's parametrizations to their own tensors.  G is a
+    non-persistent buffer: no state_dict keys, and it follows ``model.to(...)``.
+    """
+
+    def __init__(self, scaling: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scaling", scaling, persistent=False)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _ScaleGradient.apply(weight, self.scaling)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+
+class _ParametrizationHandle:
+    """Removes one appended parametrization again (a no-op if it is already gone)."""
+
+    def __init__(self, module: nn.Module, scaler: _GradientScaling) -> None:
+        self.module, self.scaler = module, scaler
+
+    def remove(self) -> None:
+        if not parametrize.is_parametrized(self.module, "weight"):
+            return  # the user removed every parametrization, ours included
+        chain = self.module.parametrizations.weight
+        for i, p in enumerate(chain):
+            if p is self.scaler:
+                del chain[i]
+                return
 
 
 def _batch_input(batch: Any) -> Any:
@@ -161,7 +237,9 @@ class _SampledBatches:
 
     Each batch is collated from randomly drawn indices under a fixed seed (augmentations drawn
     from torch, numpy or ``random`` repeat exactly), so the two passes of a refresh see the
-    same pixels while only one batch is held in memory at a time.
+    same pixels while only one batch is held in memory at a time.  Under ``torch.distributed``
+    every rank draws the same batches and keeps every ``world``-th one (rank r: batches r,
+    r + world, ...), so the all-reduced refresh measures exactly the single-process draw.
     """
 
     def __init__(self, loader: torch.utils.data.DataLoader, count: int, seed: int) -> None:
@@ -172,11 +250,18 @@ class _SampledBatches:
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(size, generator=gen)
         total = min(size, count * batch_size)
-        self.chunks = [order[i : i + batch_size].tolist() for i in range(0, total, batch_size)]
+        chunks = [order[i : i + batch_size].tolist() for i in range(0, total, batch_size)]
+        rank, world = rank_and_world()
+        if len(chunks) < world:
+            raise ValueError(
+                f"{_SGS}.maybe_refresh: {len(chunks)} refresh batches cannot be shared by "
+                f"{world} ranks; raise schedule.batches (or the dataset size) to at least {world}"
+            )
+        self.chunks = list(enumerate(chunks))[rank::world]
         self.seed = seed
 
     def __iter__(self):
-        for j, chunk in enumerate(self.chunks):
+        for j, chunk in self.chunks:
             with _seeded(self.seed * 1_000_003 + j):
                 yield self.collate([self.dataset[i] for i in chunk])
 
@@ -203,7 +288,9 @@ class SpatialGradientScaling(ParameterTransform):
     masks ``M_n``.
 
     Args:
-        model: the network.  Layers are keyed by their names in ``model.named_modules()``.
+        model: the network.  Layers are keyed by their names in ``model.named_modules()``,
+            with the wrappers of ``torch.compile`` and (Distributed)DataParallel stripped (no
+            ``_orig_mod.``/``module.`` prefix), so states move between wrapped and plain models.
         k: the transform's hyperparameter (paper Eq. 8; ``k = 5`` is the paper's default and
             ``k = 1`` uses the dependence as it is).
         measure: ``"nmi"`` (paper) or ``"autocorrelation"`` (its ablation).
@@ -222,6 +309,18 @@ class SpatialGradientScaling(ParameterTransform):
         seed: seeds the choice of refresh batches in :meth:`maybe_refresh`.
         engine: ``"auto"`` (compiled CPU kernel when numba is installed, torch otherwise and on
             GPUs), ``"compiled"`` or ``"torch"``.
+
+    Layers (see :func:`eligible_convs`; :attr:`skipped` gives the reason for each conv left
+    out): a weight under ``torch.nn.utils.parametrize`` (e.g.
+    ``torch.nn.utils.parametrizations.weight_norm`` or ``orthogonal``) is supported in
+    ``mode="gradient"``: a state-free identity parametrization appended last multiplies the
+    gradient of the effective weight by G, which then flows back through the user's
+    parametrizations; :meth:`remove` takes it off again and ``state_dict`` keys never change.
+    In ``mode="update"`` such layers are skipped.  The deprecated
+    ``torch.nn.utils.weight_norm``/``spectral_norm`` (weight not a Parameter) and transposed
+    convs are skipped, and raise when asked for by ``include``.  A lazy conv must have run one
+    forward pass before attaching.  A conv module called several times per forward is scaled
+    once (its gradient is the sum over the calls) and its refresh pools all calls' inputs.
 
     .. warning::
         Deviations from the authors' code, on purpose: values equal to an axis's maximum are
@@ -264,20 +363,27 @@ class SpatialGradientScaling(ParameterTransform):
             raise ValueError(
                 f"{_SGS}: engine must be 'auto', 'compiled' or 'torch', got {engine!r}"
             )
-        if not 0 < floor <= 1:
-            raise ValueError(f"SpatialGradientScaling: floor must lie in (0, 1], got {floor}")
+        _check_floor(floor, _SGS)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"{_SGS}: seed must be an int, got {type(seed).__name__}")
+        if not isinstance(diag_removal, bool):
+            raise TypeError(
+                f"{_SGS}: diag_removal must be a bool, got {type(diag_removal).__name__}"
+            )
         if schedule is not None and not isinstance(schedule, RefreshSchedule):
             raise TypeError("SpatialGradientScaling: schedule must be a RefreshSchedule")
         if not isinstance(model, nn.Module):
             raise TypeError(f"{_SGS}: model must be a torch.nn.Module, got {type(model).__name__}")
-        # torch.compile wraps the model; forward hooks must sit on the original modules.
-        self._forward_model = getattr(model, "_orig_mod", model)
-        convs, skipped = eligible_convs(model, include, exclude)
+        self._forward_model = unwrap_model(model)
+        convs, skipped = eligible_convs(
+            self._forward_model, include, exclude, parametrized=mode == "gradient"
+        )
         if not convs:
             raise ValueError(
                 f"SpatialGradientScaling: {type(model).__name__} has no Conv1d/Conv2d/Conv3d with "
                 "a kernel larger than 1 to scale"
                 + (f" (skipped: {dict(list(skipped.items())[:5])})" if skipped else "")
+                + (f" (include={include!r} selects none)" if include is not None else "")
             )
         self._check_shared_weights(convs)
         self.model = model
@@ -296,16 +402,19 @@ class SpatialGradientScaling(ParameterTransform):
         }
         self._pinned: set[str] = set()
         self._device_cache: dict[str, torch.Tensor] = {}
+        self._scalers: dict[str, _GradientScaling] = {}
         self.refresh_count = 0
         self.last_refresh_epoch: int | None = None
         self.history: list[tuple[int | None, dict[str, torch.Tensor]]] = []
-        super().__init__({n: m.weight for n, m in convs.items()}, mode=mode, optimizer=optimizer)
+        super().__init__(
+            {n: _weight_parameter(m) for n, m in convs.items()}, mode=mode, optimizer=optimizer
+        )
 
     @staticmethod
     def _check_shared_weights(convs: Mapping[str, nn.Module]) -> None:
         seen: dict[int, str] = {}
         for name, m in convs.items():
-            other = seen.setdefault(id(m.weight), name)
+            other = seen.setdefault(id(_weight_parameter(m)), name)
             if other != name:
                 raise ValueError(
                     f"SpatialGradientScaling: modules {other!r} and {name!r} share one weight; "
@@ -317,11 +426,22 @@ class SpatialGradientScaling(ParameterTransform):
         """``G_name ⊙ tensor``, G broadcast over the channel dims (or per output channel)."""
         g = self._device_cache.get(name)
         if g is None or g.device != tensor.device or g.dtype != tensor.dtype:
-            g = self._scalings[name].to(tensor.device, tensor.dtype)
-            # kernel-shaped: broadcast over (c_out, c_in); (c_out, *kernel): over c_in only
-            g = g.unsqueeze(0).unsqueeze(0) if g.dim() == tensor.dim() - 2 else g.unsqueeze(1)
+            g = _broadcast_scaling(self._scalings[name], tensor)
             self._device_cache[name] = g
         return tensor * g
+
+    def _hook_gradient(self, name: str, param: nn.Parameter):
+        module = self.modules[name]
+        if not parametrize.is_parametrized(module, "weight"):
+            return super()._hook_gradient(name, param)
+        scaler = _GradientScaling(self._scalings[name].to(param.device))
+        parametrize.register_parametrization(module, "weight", scaler)
+        self._scalers[name] = scaler
+        return _ParametrizationHandle(module, scaler)
+
+    def _detach(self) -> None:
+        super()._detach()
+        self._scalers.clear()
 
     # ---- scalings -----------------------------------------------------------------------
     @property
@@ -344,7 +464,12 @@ class SpatialGradientScaling(ParameterTransform):
         self._pinned.add(name)
 
     def _validated(self, name: str, scaling: torch.Tensor | Sequence) -> torch.Tensor:
-        g = torch.as_tensor(scaling).detach().to("cpu")
+        try:
+            g = torch.as_tensor(scaling).detach().to("cpu")
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"scaling for {name!r} must be a real tensor ({err})") from None
+        if g.is_complex():
+            raise TypeError(f"scaling for {name!r} must be real, got {g.dtype}")
         if not g.is_floating_point():
             g = g.double()
         module = self.modules[name]
@@ -360,12 +485,17 @@ class SpatialGradientScaling(ParameterTransform):
 
     def unpin(self, name: str) -> None:
         """Let refreshes update ``name`` again (its G stays until the next refresh)."""
+        if name not in self._scalings:
+            raise KeyError(f"{_SGS}.unpin: no scaled layer named {name!r}")
         self._pinned.discard(name)
 
     def _store(self, name: str, g: torch.Tensor) -> None:
         dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
         self._scalings[name] = g.to(dtype)
         self._device_cache.pop(name, None)
+        scaler = self._scalers.get(name)
+        if scaler is not None:
+            scaler.scaling = self._scalings[name].to(scaler.scaling.device)
 
     # ---- refresh ------------------------------------------------------------------------
     def refresh(
@@ -381,8 +511,15 @@ class SpatialGradientScaling(ParameterTransform):
         one batch at a time is on the model's device.  Under ``torch.distributed`` all ranks
         must call this together (see :mod:`gradshape.distributed`).  Returns ``self``.
         """
+        if epoch is not None:
+            _check_epoch(epoch, f"{_SGS}.refresh")
         if isinstance(batches, torch.Tensor):
             batches = [batches]
+        if not isinstance(batches, Iterable) or isinstance(batches, (str, Mapping)):
+            raise TypeError(
+                f"{_SGS}.refresh: batches must be an iterable of batches (a list, a DataLoader), "
+                f"got {type(batches).__name__}"
+            )
         passes = 2 if self.measure == "nmi" else 1
         if passes > 1 and not isinstance(batches, (Sequence, _SampledBatches)):
             batches = list(batches)
@@ -412,17 +549,23 @@ class SpatialGradientScaling(ParameterTransform):
             ]
             try:
                 for _ in range(passes):
-                    for batch in batches:
-                        seen_batch = True
-                        inputs = _to_device(_batch_input(batch), device)
-                        if isinstance(inputs, Mapping):
-                            self._forward_model(**inputs)
-                        else:
-                            self._forward_model(inputs)
-                    if not seen_batch:
-                        raise ValueError(
-                            "SpatialGradientScaling.refresh: the batch iterable is empty"
-                        )
+                    # Local errors are agreed on before the accumulators' all-reduces.
+                    with fail_together(f"{_SGS}.refresh"):
+                        for batch in batches:
+                            seen_batch = True
+                            inputs = _to_device(_batch_input(batch), device)
+                            if isinstance(inputs, Mapping):
+                                self._forward_model(**inputs)
+                            else:
+                                self._forward_model(inputs)
+                        if not seen_batch:
+                            raise ValueError(f"{_SGS}.refresh: the batch iterable is empty")
+                        unreached = [n for n, a in accumulators.items() if a.channels is None]
+                        if unreached:
+                            raise ValueError(
+                                f"{_SGS}.refresh: no input reached {unreached[:5]} (does the "
+                                "model's forward call them?)"
+                            )
                     for acc in accumulators.values():
                         acc.end_pass()
             finally:
@@ -445,6 +588,12 @@ class SpatialGradientScaling(ParameterTransform):
         any other iterable, its first ``schedule.batches`` items.  Calling it twice for the
         same epoch refreshes once.
         """
+        _check_epoch(epoch, f"{_SGS}.maybe_refresh")
+        if not isinstance(loader, Iterable) or isinstance(loader, (str, Mapping)):
+            raise TypeError(
+                f"{_SGS}.maybe_refresh: loader must be a DataLoader or an iterable of batches, "
+                f"got {type(loader).__name__}"
+            )
         if not self.schedule.due(epoch) or self.last_refresh_epoch == epoch:
             return False
         if isinstance(loader, torch.utils.data.DataLoader) and loader.batch_size is not None:
@@ -486,13 +635,18 @@ class SpatialGradientScaling(ParameterTransform):
             raise ValueError(
                 f"SpatialGradientScaling.load_state_dict: missing keys {sorted(missing)}"
             )
-        settings = dict(state_dict["settings"])
+        where = f"{_SGS}.load_state_dict"
+        settings, scalings = state_dict["settings"], state_dict["scalings"]
+        for label, value in (("settings", settings), ("scalings", scalings)):
+            if not isinstance(value, Mapping):
+                raise TypeError(
+                    f"{where}: state_dict[{label!r}] must be a mapping, got {type(value).__name__}"
+                )
         if settings.get("mode", self.mode) != self.mode:
             raise ValueError(
                 f"SpatialGradientScaling.load_state_dict: state was saved in mode "
                 f"{settings['mode']!r}, this instance is in mode {self.mode!r}"
             )
-        scalings = state_dict["scalings"]
         if set(scalings) != set(self._scalings):
             extra, lacking = (
                 set(scalings) - set(self._scalings),
@@ -508,21 +662,55 @@ class SpatialGradientScaling(ParameterTransform):
         measure = settings.get("measure", self.measure)
         if measure not in MEASURES:
             raise ValueError(f"SpatialGradientScaling.load_state_dict: unknown measure {measure!r}")
-        self.k, self.measure = float(k), measure
-        self.diag_removal = bool(settings.get("diag_removal", self.diag_removal))
-        self.floor = float(settings.get("floor", self.floor))
-        self.seed = int(settings.get("seed", self.seed))
+        diag_removal = settings.get("diag_removal", self.diag_removal)
+        if not isinstance(diag_removal, bool):
+            raise TypeError(
+                f"{where}: settings['diag_removal'] must be a bool, got {diag_removal!r}"
+            )
+        floor = settings.get("floor", self.floor)
+        _check_floor(floor, where)
+        seed = settings.get("seed", self.seed)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"{where}: settings['seed'] must be an int, got {seed!r}")
+        schedule = self.schedule
         if "schedule" in settings:
-            self.schedule = RefreshSchedule(**settings["schedule"])
+            try:
+                schedule = RefreshSchedule(**settings["schedule"])
+            except TypeError as err:
+                raise TypeError(
+                    f"{where}: settings['schedule'] is not a schedule ({err})"
+                ) from None
+        pinned = state_dict.get("pinned", [])
+        if not isinstance(pinned, (list, tuple, set)) or not set(pinned) <= set(self._scalings):
+            raise ValueError(f"{where}: 'pinned' must list layers of this model, got {pinned!r}")
+        refresh_count = state_dict.get("refresh_count", 0)
+        if (
+            isinstance(refresh_count, bool)
+            or not isinstance(refresh_count, numbers.Integral)
+            or refresh_count < 0
+        ):
+            raise ValueError(f"{where}: 'refresh_count' must be an int >= 0, got {refresh_count!r}")
+        last_epoch = state_dict.get("last_refresh_epoch")
+        if last_epoch is not None:
+            _check_epoch(last_epoch, f"{where}: 'last_refresh_epoch'")
+        try:
+            history = [
+                (e, {n: torch.as_tensor(g).clone() for n, g in s.items()})
+                for e, s in state_dict.get("history", [])
+            ]
+        except (TypeError, ValueError, AttributeError, RuntimeError) as err:
+            raise ValueError(
+                f"{where}: 'history' must be a list of (epoch, {{layer: scaling}}) pairs ({err})"
+            ) from None
+        self.k, self.measure = float(k), measure
+        self.diag_removal, self.floor, self.seed = diag_removal, float(floor), int(seed)
+        self.schedule = schedule
         for name, g in checked.items():
             self._store(name, g)
-        self._pinned = set(state_dict.get("pinned", []))
-        self.refresh_count = int(state_dict.get("refresh_count", 0))
-        self.last_refresh_epoch = state_dict.get("last_refresh_epoch")
-        self.history = [
-            (e, {n: torch.as_tensor(g).clone() for n, g in s.items()})
-            for e, s in state_dict.get("history", [])
-        ]
+        self._pinned = set(pinned)
+        self.refresh_count = int(refresh_count)
+        self.last_refresh_epoch = last_epoch
+        self.history = history
 
     def __repr__(self) -> str:
         return (

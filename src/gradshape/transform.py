@@ -149,7 +149,7 @@ class ParameterTransform(GradientTransform):
             _LIVE.setdefault(id(p), []).append(self)
         if self.mode == "gradient":
             for name, p in self._params.items():
-                self._handles.append(p.register_hook(self._gradient_hook(name)))
+                self._handles.append(self._hook_gradient(name, p))
         else:
             self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
             self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
@@ -171,6 +171,14 @@ class ParameterTransform(GradientTransform):
     def remove(self) -> None:
         """Detach every hook; the model and optimizer are left exactly as before attaching."""
         self._detach()
+
+    def _hook_gradient(self, name: str, param: nn.Parameter) -> RemovableHandle:
+        """Route ``param``'s gradient through :meth:`apply`; returns a handle to undo it.
+
+        Subclasses override this for parameters a tensor hook cannot reach (the handle only
+        needs a ``remove()`` method).
+        """
+        return param.register_hook(self._gradient_hook(name))
 
     def _gradient_hook(self, name: str):
         def hook(grad: torch.Tensor) -> torch.Tensor:
