@@ -386,6 +386,7 @@ def test_dbb_after_sum_first_step_is_a_scaling_plus_a_low_pass_term():
     after = structure[0].get_equivalent_kernel_bias()[0].detach()
     scaling = torch.full((size, size), 2.0, dtype=F64)
     scaling[size // 2, size // 2] += 1
+    torch.testing.assert_close(gs.branch_scaling("dbb", size), scaling)  # SGS's DBB stand-in
     expected = -lr * (scaling * g + g.mean((2, 3), keepdim=True) / size**2)
     torch.testing.assert_close(after - before, expected, rtol=1e-10, atol=1e-13)
 

@@ -83,7 +83,7 @@ def test_branch_scaling_acb_repvgg_dbb():
     acb5 = gs.branch_scaling("acb", (3, 5))
     assert acb5.shape == (3, 5) and acb5[1, 2] == 3 and acb5[1, 0] == 2 and acb5[0, 2] == 2
     dbb = gs.branch_scaling("dbb", 3)
-    assert dbb[1, 1] == 4 and dbb[0, 0] == 3
+    assert dbb[1, 1] == 3 and dbb[0, 0] == 2
 
 
 def test_branch_scaling_errors():

@@ -38,7 +38,7 @@ DEFAULT_FLOOR = 1e-3
 BRANCH_KINDS = {
     "acb": "exact: K×K + 1×K + K×1 masked convs (one BN after the sum)",
     "repvgg": "exact for the weighted branches: K×K + 1×1 (the identity branch has no weights)",
-    "dbb": "approximate: K×K + 1×1 + (1×1→K×K) + (1×1→avg-pool); the last two are not masks",
+    "dbb": "approximate: K×K + 1×1 + (1×1→K×K); the pooling branch is not a mask (left out)",
 }
 
 
@@ -198,7 +198,10 @@ def branch_scaling(kind: str, kernel_size: int | Sequence[int] = 3) -> torch.Ten
     * ``"acb"`` (ACNet): K×K + 1×K + K×1 → full + centre row + centre column;
       for 3×3: ``[[1, 2, 1], [2, 3, 2], [1, 2, 1]]``.
     * ``"repvgg"``: K×K + 1×1 (the identity branch has no weights) → full + centre.
-    * ``"dbb"``: K×K + 1×1 + (1×1→K×K) + (1×1→avg-pool K×K) → full + centre + full + full.
+    * ``"dbb"``: K×K + 1×1 + (1×1→K×K) → full + centre + full.  This is the first SGD step
+      of DBB with one BN after the sum, from its function-preserving start (sequential 1×1 =
+      identity, pooling 1×1 = 0), less the pooling branch's term ``mean_hw(g)/K²``, which is
+      a low-pass correction no elementwise G can express (``tests/test_reparam.py``).
 
     .. warning::
         Lemma 1 is exact only for masked convolutions of one weight each, summed, with one
@@ -224,7 +227,7 @@ def branch_scaling(kind: str, kernel_size: int | Sequence[int] = 3) -> torch.Ten
         return masks_to_scaling([full, row, col])
     if kind == "repvgg":
         return masks_to_scaling([full, centre])
-    return masks_to_scaling([full, centre, full, full])
+    return masks_to_scaling([full, centre, full])
 
 
 def grid_scaling(alpha: float, beta: float) -> torch.Tensor:

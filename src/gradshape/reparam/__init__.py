@@ -22,8 +22,8 @@ How closely SGS stands in for each structure (``tests/test_reparam.py``, float64
 * DBB after the sum: from the function-preserving start, the first SGD step moves the merged
   kernel by ``−lr·[(2·full + centre) ⊙ g + mean_hw(g)/K²]``: the sequential 1×1→K×K branch
   acts like one more full mask (while its 1×1 is the identity), the pooling branch adds only a
-  low-pass term of weight 1/K².  ``gs.branch_scaling("dbb")`` counts the pooling branch as a
-  full mask and so overstates it.
+  low-pass term of weight 1/K².  ``gs.branch_scaling("dbb")`` is ``2·full + centre``, that
+  step without the low-pass term.
 * Per-branch BatchNorm (the papers' form) is not Lemma 1's: to first order, branch n's share
   of the merged update is weighted by ``(γ_n/σ_n)²`` of its own BatchNorm (σ_n its output's
   batch standard deviation), a data-dependent effective scaling.  With ``init="preserve"``
