@@ -1,0 +1,1 @@
+"""The experiment harness behind the ``gradshape`` command: data, models, training, reports."""
