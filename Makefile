@@ -1,5 +1,7 @@
 # Two commands on a fresh machine:  `make demo`  and  `make test`.
 PY      := .venv/bin/python
+# OpenMP busy-waiting makes torch crawl when another process shares these 2 cores.
+export OMP_WAIT_POLICY ?= PASSIVE
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 

@@ -245,12 +245,15 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, *, amp: bool =
 
 
 class _Progress:
-    """A tqdm bar per epoch when tqdm is installed, else one plain line per epoch."""
+    """A tqdm bar per epoch on a terminal (when tqdm is installed), and one line per epoch.
+
+    Redirected to a file or a CI log, only the per-epoch lines are written.
+    """
 
     def __init__(self, enabled: bool, label: str) -> None:
         self.enabled, self.label = enabled, label
         self._tqdm = None
-        if enabled:
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm.auto import tqdm
             except ImportError:

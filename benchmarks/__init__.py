@@ -1,0 +1,1 @@
+"""gradshape's benchmark suite: ``python -m benchmarks`` (see ``benchmarks/__main__.py``)."""
