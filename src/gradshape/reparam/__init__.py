@@ -37,7 +37,7 @@ How closely SGS stands in for each structure (``tests/test_reparam.py``, float64
   ACB           after_sum   8e-16           0.45              0.45
   ACB           per_branch  0.45            0.33              0.45
   RepVGG        per_branch  0.31            0.22              0.30
-  DBB           per_branch  0.65            0.28              0.69
+  DBB           per_branch  0.59            0.28              0.56
   ============  ==========  ==============  ================  ==============
 
   i.e. over this horizon the per-branch structures stay closer to plain training than to
