@@ -53,7 +53,7 @@ def process_group(device: str = "auto") -> Iterator[None]:
         return
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    cuda = device != "cpu" and torch.cuda.is_available() and not device.startswith("cpu")
+    cuda = not device.startswith("cpu") and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="nccl" if cuda else "gloo")
