@@ -24,7 +24,7 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff check src tests benchmarks experiments
 
 bench: install
 	$(PY) -m benchmarks

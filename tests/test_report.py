@@ -148,6 +148,22 @@ def test_paired_difference_uses_only_common_seeds(tmp_path):
     assert sgs["time_ratio"] == pytest.approx(2.0)
 
 
+def test_records_from_two_comparisons_are_paired_by_seed(tmp_path):
+    """A view over two folders (baseline in one, a method in the other) pairs their seeds."""
+    base = [_record("baseline", s, 0.80 + 0.01 * s, 1.0) for s in range(3)]
+    other = [_record("pgt", s, 0.81 + 0.03 * s * s, 1.5) for s in range(3)]
+    report.write_report(tmp_path / "view", base + other)
+    rows = {
+        r["method"]: r for r in json.loads((tmp_path / "view/summary.json").read_text())["methods"]
+    }
+    diffs = [0.01 + 0.03 * s * s - 0.01 * s for s in range(3)]
+    assert rows["pgt"]["paired_diff"]["mean"] == pytest.approx(statistics.fmean(diffs), abs=1e-12)
+    assert rows["pgt"]["time_ratio"] == pytest.approx(1.5, rel=1e-12)
+    assert not (tmp_path / "view/results.json").exists()  # the view does not copy the runs
+    with pytest.raises(ValueError, match="no records"):
+        report.write_report(tmp_path / "empty", [])
+
+
 def test_single_seed_and_no_baseline_are_defined(tmp_path):
     path = _write(tmp_path, [_record("sgs", 0, 0.5, 3.0, k=5.0)])
     row = json.loads((tmp_path / "summary.json").read_text())["methods"][0]

@@ -27,7 +27,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BASELINE", "chosen_layers", "summarize", "t_quantile", "write_report"]
+__all__ = [
+    "BASELINE",
+    "chosen_layers",
+    "load_results",
+    "summarize",
+    "summarize_records",
+    "t_quantile",
+    "write_report",
+]
 
 #: The method paired differences and time ratios are taken against.
 BASELINE = "baseline"
@@ -99,7 +107,14 @@ def _by_seed(records: list[dict[str, Any]], method: str) -> dict[int, dict[str, 
     return {r["seed"]: r for r in records if r["method"] == method}
 
 
-def _summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per method, in first-seen order: the statistics of the module docstring.
+
+    Returns ``{"baseline": "baseline" or None, "methods": [row, ...]}``; a row holds
+    ``method``, ``seeds``, ``k``, ``test_acc`` and ``val_acc`` (:func:`summarize` dicts),
+    ``paired_diff`` (against the baseline, ``None`` without one), ``train_seconds``,
+    ``time_ratio``, ``params`` and ``params_deployed``.
+    """
     base = _by_seed(records, BASELINE)
     base_time = summarize([r["train_seconds"] for r in base.values()])["mean"]
     rows = []
@@ -396,14 +411,19 @@ def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def write_report(out_dir: str | Path) -> Path:
-    """Write ``summary.json``, ``report.md`` and the plots from ``out_dir/results.json``.
+def write_report(out_dir: str | Path, records: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``summary.json``, ``report.md`` and the plots into ``out_dir``.
 
-    Returns the path of ``report.md``.
+    The runs are ``records`` when given (e.g. runs of several comparisons put side by side),
+    otherwise those of ``out_dir/results.json``.  Returns the path of ``report.md``.
     """
     out_dir = Path(out_dir)
-    records = load_results(out_dir)
-    summary = _summary(records)
+    if records is None:
+        records = load_results(out_dir)
+    elif not records:
+        raise ValueError(f"write_report: no records given for {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize_records(records)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     try:
         plots = _plots(records, out_dir)
