@@ -113,12 +113,11 @@ def view_markdown(name: str, records: list[dict[str, Any]]) -> str:
 
 def fill(doc: str, name: str, body: str) -> str:
     """``doc`` with the text between view ``name``'s markers replaced by ``body``."""
-    pattern = re.compile(
-        rf"(<!-- view:{re.escape(name)} -->\n).*?(\n<!-- /view:{re.escape(name)} -->)", re.S
-    )
+    start, end = f"<!-- view:{name} -->", f"<!-- /view:{name} -->"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(doc):
         raise ValueError(f"{DOC.name} has no markers for view {name!r}")
-    return pattern.sub(lambda m: m.group(1) + body + m.group(2), doc)
+    return pattern.sub(lambda _: f"{start}\n{body}\n{end}", doc)
 
 
 def main() -> int:
