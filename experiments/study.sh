@@ -26,6 +26,9 @@ RESNET="--model resnet18 --width 0.125 --lr 0.05"
 declare -A PART=(
   [resnet18-main]="$RESNET --methods baseline,sgs,acb,dbb"
   [vgg11-main]="$VGG --methods baseline,sgs,acb,dbb"
+  [resnet18-bn]="$RESNET --methods acb@bn=after_sum,grid"
+  # ACB's branch sum has mean 5/3: its updates equal SGS's with normalised G at 5/3 the rate
+  [resnet18-lr]="--model resnet18 --width 0.125 --lr 0.0833 --methods baseline,grid"
   [vgg11-ablation]="$VGG --methods sgs-autocorr,grid@alpha=1.25@beta=1.5,grid,grid@alpha=2@beta=4"
   [vgg11-k]="$VGG --methods sgs@k=1,sgs@k=2,sgs@k=3,sgs@k=7"
   [vgg11-transforms]="$VGG --methods cdg,pgt,sgs+cdg,sgs+pgt"
@@ -39,7 +42,7 @@ declare -A PART=(
 )
 # Longest first, so two workers finish close together.
 ORDER=(resnet18-main vgg11-main vgg11-ablation vgg11-k vgg11-transforms optim-adam optim-adamw
-       optim-adagrad optim-sgd)
+       optim-adagrad optim-sgd resnet18-bn resnet18-lr)
 
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=("${ORDER[@]}")

@@ -31,6 +31,8 @@ ANCHORS = ("baseline", "sgs")
 VIEWS: dict[str, list[tuple[str, tuple[str, ...] | None]]] = {
     "main-vgg11": [("vgg11-main", None)],
     "main-resnet18": [("resnet18-main", None)],
+    "resnet18-bn": [("resnet18-main", ("baseline", "sgs", "acb")), ("resnet18-bn", None)],
+    "resnet18-lr": [("resnet18-lr", None)],
     "ablation": [("vgg11-main", ANCHORS), ("vgg11-ablation", None)],
     "k-sweep": [
         ("vgg11-main", ("baseline",)),
