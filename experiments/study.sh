@@ -40,7 +40,7 @@ declare -A PART=(
   [optim-adagrad]="--model vgg11 --width 0.25 --drop-last-pool --optimizer adagrad --lr 0.01
     --methods baseline,sgs,sgs@mode=update"
 )
-# Longest first, so two workers finish close together.
+# The main tables first (the longest), then the parts that are paired against them.
 ORDER=(resnet18-main vgg11-main vgg11-ablation vgg11-k vgg11-transforms optim-adam optim-adamw
        optim-adagrad optim-sgd resnet18-bn resnet18-lr)
 

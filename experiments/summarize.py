@@ -104,7 +104,7 @@ def view_markdown(name: str, records: list[dict[str, Any]]) -> str:
     lines = [
         table(summarize_records(records)),
         "",
-        f"Seeds {', '.join(map(str, seeds))}; runs from "
+        f"Seeds {', '.join(map(str, seeds))} (each row's count is in its seeds column); runs from "
         + ", ".join(f"`experiments/results/{p}`" for p in parts)
         + f"; report and plots in `experiments/results/views/{name}/`.",
     ]
