@@ -16,7 +16,7 @@ measures, in one run and interleaved so that machine noise hits every variant al
 
 Variants: ``plain``; ``sgs`` (``gs.SpatialGradientScaling`` in gradient mode with fixed
 scalings, i.e. the per-step cost without refreshes); ``acb``, ``repvgg``, ``dbb`` (per-branch
-BatchNorm, as the papers train).  Run ``python benchmarks/bench_reparam.py [--quick]``.
+BatchNorm, as the papers train).  Run ``python -m benchmarks.bench_reparam [--quick]``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ import argparse
 import contextlib
 import ctypes
 import statistics
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +34,8 @@ from torch import nn
 
 import gradshape as gs
 from gradshape import reparam
+
+from .common import current_rss, peak_rss, reset_peak_rss, synchronize, timed
 
 VARIANTS = ("plain", "sgs", "acb", "repvgg", "dbb")
 
@@ -106,11 +106,6 @@ def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     model.train()
@@ -125,21 +120,7 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[]
 
 
 def time_steps(step: Callable[[], None], n: int, device: torch.device) -> list[float]:
-    times = []
-    for _ in range(n):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
+    return [timed(step, device) for _ in range(n)]
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -176,10 +157,10 @@ def peak_step_memory(step: Callable[[], None], device: torch.device) -> float | 
     if libc is not None:
         libc.malloc_trim(0)  # hand freed heap pages (earlier steps' tensors) back to the OS
     try:
-        before = _status_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        before = current_rss()
+        reset_peak_rss()
         step()
-        return float(_status_kib("VmHWM") - before) * 1024
+        return float(peak_rss() - before)
     except OSError:
         return None
 
