@@ -84,9 +84,9 @@ def view_records(name: str) -> list[dict[str, Any]] | None:
     return records
 
 
-def grid_choice(records: list[dict[str, Any]]) -> str:
+def grid_choice(summary: dict[str, Any]) -> str:
     """Which grid point the validation split picks (the test set plays no part)."""
-    rows = [r for r in summarize_records(records)["methods"] if r["method"].startswith("grid")]
+    rows = [r for r in summary["methods"] if r["method"].startswith("grid")]
     if not rows or any(r["val_acc"] is None for r in rows):
         return ""
     listed = ", ".join(f"{r['method']} {100 * r['val_acc']['mean']:.2f}" for r in rows)
@@ -101,15 +101,16 @@ def view_markdown(name: str, records: list[dict[str, Any]]) -> str:
     """The view's table (and, for the ablation, the validation choice of the grid point)."""
     seeds = sorted({r["seed"] for r in records})
     parts = sorted({part for part, _ in VIEWS[name]})
+    summary = summarize_records(records)
     lines = [
-        table(summarize_records(records)),
+        table(summary),
         "",
         f"Seeds {', '.join(map(str, seeds))} (each row's count is in its seeds column); runs from "
         + ", ".join(f"`experiments/results/{p}`" for p in parts)
         + f"; report and plots in `experiments/results/views/{name}/`.",
     ]
     if name == "ablation":
-        lines += ["", grid_choice(records)]
+        lines += ["", grid_choice(summary)]
     return "\n".join(lines).rstrip()
 
 
