@@ -146,6 +146,39 @@ def test_gradient_mode_multiplies_conv_weight_grads_only():
         torch.testing.assert_close(after[name], plain[name], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["gradient", "update"])
+def test_per_weight_scaling_multiplies_each_entry(mode):
+    """G of the weight's full shape (RepOptimizers' identity term needs it), used as given."""
+    x, y = data(dtype=torch.float64)
+    plain_model, model = small_net(torch.float64), small_net(torch.float64)
+    model.load_state_dict(plain_model.state_dict())
+    weight = model[3].weight
+    g = torch.rand_like(weight) + 0.5
+    g[torch.arange(weight.shape[0]), torch.arange(weight.shape[0]) % weight.shape[1], 1, 1] += 1
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    ref_opt = torch.optim.SGD(plain_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    kwargs = {"optimizer": opt} if mode == "update" else {}
+    sgs = gs.SpatialGradientScaling(model, mode=mode, include=["3"], **kwargs)
+    sgs.set_scaling("3", g)
+    torch.testing.assert_close(sgs.scalings["3"], g, rtol=0, atol=0)  # not normalised
+    for _ in range(3):
+        for net, o in ((model, opt), (plain_model, ref_opt)):
+            o.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+        if mode == "gradient":
+            plain_model[3].weight.grad.mul_(g)  # the hand-multiplied gradient
+            ref_opt.step()
+        else:
+            before = plain_model[3].weight.detach().clone()
+            ref_opt.step()
+            with torch.no_grad():
+                plain_model[3].weight.copy_(before + g * (plain_model[3].weight - before))
+        opt.step()
+    torch.testing.assert_close(model[3].weight, plain_model[3].weight, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"'3' has shape \(8, 5, 3, 3\).*weight's shape"):
+        sgs.set_scaling("3", torch.ones(8, 5, 3, 3))
+
+
 def test_update_mode_scales_the_adam_step():
     model = small_net(torch.float64)
     reference = copy.deepcopy(model)
@@ -303,9 +336,22 @@ def test_conv1d_conv3d_dilation_groups_and_padding_modes():
 
 # ---- schedule -------------------------------------------------------------------------------
 def test_schedule_due_epochs():
+    # The authors' rule (default): the warm-up epoch, then every epoch divisible by `every`.
     s = gs.RefreshSchedule(warmup=1, every=30, batches=20)
+    assert [e for e in range(100) if s.due(e)] == [1, 30, 60, 90]
+    paper = gs.RefreshSchedule(warmup=1, every=5)
+    assert [e for e in range(30) if paper.due(e)] == [1, 5, 10, 15, 20, 25]
+    assert [e for e in range(20) if gs.RefreshSchedule(warmup=7, every=5).due(e)] == [7, 10, 15]
+    # Counted from the warm-up instead.
+    s = gs.RefreshSchedule(warmup=1, every=30, batches=20, align="warmup")
     assert [e for e in range(100) if s.due(e)] == [1, 31, 61, 91]
-    assert [e for e in range(5) if gs.RefreshSchedule(warmup=0, every=2).due(e)] == [0, 2, 4]
+    for align in ("paper", "warmup"):
+        every2 = gs.RefreshSchedule(warmup=0, every=2, align=align)
+        assert [e for e in range(5) if every2.due(e)] == [0, 2, 4]
+        once = gs.RefreshSchedule(warmup=1, every=1000, align=align)  # frozen after epoch 1
+        assert [e for e in range(100) if once.due(e)] == [1]
+    with pytest.raises(ValueError, match="align"):
+        gs.RefreshSchedule(align="epochs")
     with pytest.raises(ValueError, match="every"):
         gs.RefreshSchedule(every=0)
 
@@ -321,7 +367,7 @@ def test_maybe_refresh_follows_schedule_and_is_reproducible():
     for _ in range(2):
         model = small_net()
         sgs = gs.SpatialGradientScaling(
-            model, schedule=gs.RefreshSchedule(warmup=1, every=2, batches=2)
+            model, schedule=gs.RefreshSchedule(warmup=1, every=2, batches=2, align="warmup")
         )
         done = [e for e in range(6) if sgs.maybe_refresh(e, loader())]
         assert done == [1, 3, 5]

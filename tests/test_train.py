@@ -281,3 +281,50 @@ def test_bad_device_and_amp_on_cpu_are_refused(tmp_path):
     cfg = dataclasses.replace(_cfg(), amp=True)
     with pytest.raises(ValueError, match="mixed precision needs a CUDA device"):
         train.train_run(cfg, tmp_path, progress=False)
+
+
+def test_evaluation_schedule_never_changes_what_is_trained(tmp_path):
+    runs = {
+        every: train.train_run(
+            dataclasses.replace(_cfg("sgs", 3), eval_every=every),
+            tmp_path / str(every),
+            progress=False,
+        )
+        for every in (1, 2, 0)
+    }
+    evaluated = {
+        every: [h["epoch"] for h in rec["history"] if h["test_acc"] is not None]
+        for every, rec in runs.items()
+    }
+    assert evaluated == {1: [0, 1, 2], 2: [1, 2], 0: [2]}
+    trained = ("train_loss", "train_acc", "lr", "images", "refreshed")
+    reference = [{k: h[k] for k in trained} for h in runs[1]["history"]]
+    models = {e: load_checkpoint(tmp_path / str(e) / "checkpoint.pt")["model"] for e in runs}
+    for every, rec in runs.items():
+        assert [{k: h[k] for k in trained} for h in rec["history"]] == reference
+        assert rec["scalings"] == runs[1]["scalings"]
+        assert rec["test_acc"] == runs[1]["test_acc"]
+        assert all(torch.equal(models[every][k], models[1][k]) for k in models[1])
+
+
+def test_fit_accuracy_is_measured_on_the_training_images(tmp_path):
+    rec = train.train_run(_cfg("baseline", 1), tmp_path, progress=False)
+    # digits has no augmentation: the fit loader sees exactly the training split
+    model = create_model("tiny", num_classes=10, in_channels=1)
+    model.load_state_dict(load_checkpoint(tmp_path / "checkpoint.pt")["model"])
+    data = train.load_dataset("digits", subset=320, seed=0)
+    loader = train.make_loader(data.train, 256, shuffle=False, seed=0)
+    assert rec["train_eval_acc"] == train.evaluate(model, loader, torch.device("cpu"))
+
+
+def test_branch_method_pins_lemma_one_scalings_unnormalised():
+    cfg = dataclasses.replace(_cfg(), method="branch@kind=acb")
+    _, cfg = resolve_method(cfg)
+    state = build_method(_small_net(), cfg, lambda m: train.make_optimizer(m, cfg))
+    assert not state.epoch_hooks
+    assert sorted(state.scaling.scalings) == ["0", "3"]  # the 1x1 conv has no branches
+    acb = torch.tensor([[1, 2, 1], [2, 3, 2], [1, 2, 1]], dtype=torch.float64)
+    for g in state.scaling.scalings.values():
+        torch.testing.assert_close(g.double(), acb, rtol=0, atol=0)
+    _, cfg = resolve_method(dataclasses.replace(_cfg(), method="branch@kind=repvgg"))
+    assert cfg.branch.kind == "repvgg"

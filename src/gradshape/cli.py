@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .experiments.config import (
     OPTIMIZERS,
+    BranchConfig,
     CDGConfig,
     DataConfig,
     GridConfig,
@@ -247,6 +248,14 @@ def _run_flags() -> argparse.ArgumentParser:
         help="random training batches per refresh (default %(default)s)",
     )
     g.add_argument(
+        "--refresh-align",
+        default=sgs.refresh_align,
+        choices=["paper", "warmup"],
+        help="'paper': refresh at the warm-up epoch, then at every epoch divisible by "
+        "--refresh-every (the authors' code); 'warmup': every --refresh-every epochs counted "
+        "from the warm-up (default %(default)s)",
+    )
+    g.add_argument(
         "--diag-removal",
         action="store_true",
         help="drop zero pixel pairs before the histogram (paper's ImageNet setting)",
@@ -262,6 +271,14 @@ def _run_flags() -> argparse.ArgumentParser:
         type=float,
         default=grid.beta,
         help="method grid: centre/corner ratio of G (default %(default)s)",
+    )
+
+    g.add_argument(
+        "--branch-kind",
+        default=BranchConfig().kind,
+        choices=["acb", "repvgg", "dbb"],
+        help="method branch: the structure whose Lemma-1 G = sum of masks is applied "
+        "(default %(default)s)",
     )
 
     g = p.add_argument_group("other methods")
@@ -317,6 +334,14 @@ def _run_flags() -> argparse.ArgumentParser:
         help="float16 mixed precision with a GradScaler (default: on for CUDA)",
     )
     g.add_argument(
+        "--eval-every",
+        type=int,
+        default=RunConfig().eval_every,
+        metavar="N",
+        help="evaluate after every N-th epoch and after the last (0: after the last only; "
+        "default %(default)s)",
+    )
+    g.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -346,6 +371,7 @@ def _config(args: argparse.Namespace, method: str, k: float) -> RunConfig:
         seed=args.seed,
         device=args.device,
         amp=args.amp,
+        eval_every=args.eval_every,
         data=DataConfig(
             dataset=args.dataset,
             path=args.data_path,
@@ -374,12 +400,14 @@ def _config(args: argparse.Namespace, method: str, k: float) -> RunConfig:
             refresh_warmup=args.refresh_warmup,
             refresh_every=args.refresh_every,
             refresh_batches=args.refresh_batches,
+            refresh_align=args.refresh_align,
             diag_removal=args.diag_removal,
         ),
         grid=GridConfig(args.grid_alpha, args.grid_beta),
         cdg=CDGConfig(args.cdg_a, args.cdg_smoothing, args.cdg_axis),
         pgt=PGTConfig(args.pgt_alpha),
         reparam=ReparamConfig(args.reparam_bn),
+        branch=BranchConfig(args.branch_kind),
     )
 
 

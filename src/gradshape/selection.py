@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-__all__ = ["LayerSelector", "layer_predicate", "unwrap_model"]
+__all__ = ["LayerSelector", "forward_override", "layer_predicate", "unwrap_model"]
 
 #: Module names or ``fnmatch`` patterns (one or several), or ``(name, module) -> bool``.
 LayerSelector = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
@@ -40,6 +40,43 @@ def layer_predicate(select: LayerSelector, label: str) -> Callable[[str, nn.Modu
             f"{label} must be module names/patterns or a predicate (name, module) -> bool"
         )
     return lambda name, _m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+_TORCH_CONVS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def forward_override(module: nn.Module) -> str:
+    """Whether a conv module computes PyTorch's own convolution of its weight.
+
+    Returns ``""`` when the module's class uses the ``forward`` and ``_conv_forward`` of the
+    torch conv class it derives from (a subclass that only adds a constructor, attributes or
+    methods computes exactly ``F.conv*(input, weight, bias, stride, padding, dilation,
+    groups)``), and otherwise a reason naming the class and the method it overrides.
+
+    One rule for both halves of gradshape: :mod:`gradshape.reparam` converts only modules that
+    compute the standard convolution (its branches reproduce exactly that), while
+    :class:`gradshape.SpatialGradientScaling` measures any module on the tensor its weight is
+    really convolved with, so an override changes how a layer is measured, never whether.
+    """
+    base = next((c for c in type(module).__mro__ if c in _TORCH_CONVS), None)
+    if base is None:
+        return f"{type(module).__name__} is not a torch convolution"
+    for method in ("forward", "_conv_forward"):
+        if getattr(type(module), method) is not getattr(base, method):
+            owner = next(c for c in type(module).__mro__ if method in vars(c))
+            return (
+                f"{type(module).__name__} overrides {method} ({owner.__module__}."
+                f"{owner.__qualname__}), so it may compute something else than "
+                f"{base.__name__}'s convolution of its weight"
+            )
+    return ""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

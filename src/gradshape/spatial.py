@@ -26,7 +26,11 @@ from .transform import ParameterTransform
 
 _SGS = "SpatialGradientScaling"
 
-__all__ = ["RefreshSchedule", "SpatialGradientScaling", "eligible_convs"]
+__all__ = ["ALIGNMENTS", "RefreshSchedule", "SpatialGradientScaling", "eligible_convs"]
+
+
+#: How refresh epochs line up with ``every`` (see :class:`RefreshSchedule`).
+ALIGNMENTS = ("paper", "warmup")
 
 
 @dataclass(frozen=True)
@@ -34,14 +38,24 @@ class RefreshSchedule:
     """When to recompute the scalings (paper Sec. 4 and Appendix A.5).
 
     Epochs are counted from 0.  The first ``warmup`` epochs train with G = 1; the scalings are
-    then recomputed at epoch ``warmup`` and every ``every`` epochs after it, each time from
-    ``batches`` random training batches.  Paper defaults: CIFAR ``(1, 30, 20)`` of 600 epochs,
-    ImageNet ``(1, 5, 2)`` of 120, the ablation ``(1, 10, 2)`` of 200.
+    then recomputed at the start of epoch ``warmup`` and afterwards every ``every`` epochs,
+    each time from ``batches`` random training batches.  ``align`` says where "every" counts
+    from:
+
+    * ``"paper"`` (default, the authors' code): at ``warmup`` and at every later epoch
+      divisible by ``every``: warm-up 1, every 5 gives 1, 5, 10, 15, …;
+    * ``"warmup"``: at ``warmup + j·every``: warm-up 1, every 5 gives 1, 6, 11, 16, ….
+
+    The two agree when ``every`` divides ``warmup`` (and always for ``every = 1``).  An
+    ``every`` larger than the run's epochs refreshes once, at ``warmup``: G then stays frozen
+    at its first measurement.  Paper defaults: CIFAR ``(1, 30, 20)`` of 600 epochs, ImageNet
+    ``(1, 5, 2)`` of 120, the ablation ``(1, 10, 2)`` of 200.
     """
 
     warmup: int = 1
     every: int = 30
     batches: int = 20
+    align: str = "paper"
 
     def __post_init__(self) -> None:
         for label, v, low in (
@@ -51,11 +65,19 @@ class RefreshSchedule:
         ):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"RefreshSchedule.{label} must be an int >= {low}, got {v!r}")
+        if self.align not in ALIGNMENTS:
+            raise ValueError(
+                f"RefreshSchedule.align must be one of {ALIGNMENTS}, got {self.align!r}"
+            )
 
     def due(self, epoch: int) -> bool:
         """Whether a refresh is due at the start of ``epoch``."""
         _check_epoch(epoch, "RefreshSchedule.due")
-        return epoch >= self.warmup and (epoch - self.warmup) % self.every == 0
+        if epoch < self.warmup:
+            return False
+        if self.align == "paper":
+            return epoch == self.warmup or epoch % self.every == 0
+        return (epoch - self.warmup) % self.every == 0
 
 
 def _check_epoch(epoch: Any, where: str) -> None:
@@ -141,10 +163,16 @@ def _weight_parameter(conv: nn.Module) -> nn.Parameter:
 
 
 def _broadcast_scaling(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``g`` on ``like``'s device and dtype, broadcastable against a weight-shaped ``like``."""
+    """``g`` on ``like``'s device and dtype, broadcastable against a weight-shaped ``like``.
+
+    ``g`` is kernel-shaped (broadcast over both channel dims), ``(c_out, *kernel)`` (broadcast
+    over the input channels) or the weight's own shape.
+    """
     g = g.to(like.device, like.dtype)
-    # kernel-shaped: broadcast over (c_out, c_in); (c_out, *kernel): over c_in only
-    return g.unsqueeze(0).unsqueeze(0) if g.dim() == like.dim() - 2 else g.unsqueeze(1)
+    missing = like.dim() - g.dim()
+    if missing == 2:
+        return g.unsqueeze(0).unsqueeze(0)
+    return g.unsqueeze(1) if missing == 1 else g
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -446,16 +474,23 @@ class SpatialGradientScaling(ParameterTransform):
     # ---- scalings -----------------------------------------------------------------------
     @property
     def scalings(self) -> dict[str, torch.Tensor]:
-        """Module name → current G (a copy; kernel-shaped, or ``(c_out, *kernel)`` if pinned so)."""
+        """Module name → current G (a copy): kernel-shaped, or as pinned by :meth:`set_scaling`."""
         return {n: g.clone() for n, g in self._scalings.items()}
 
     def set_scaling(self, name: str, scaling: torch.Tensor | Sequence) -> None:
         """Pin a fixed scaling for one layer; refreshes leave it alone.
 
-        ``scaling`` has the kernel's shape, or ``(c_out, *kernel)`` for one scaling per output
-        channel (RepOptimizer-style masks).  It is used as given, not mean-normalised, so that
-        :func:`gradshape.branch_scaling` reproduces Lemma 1 exactly.  Entries must be finite
-        and > 0.
+        ``scaling`` has one of three shapes, for a weight of shape ``(c_out, c_in/groups, *K)``:
+        the kernel's ``K`` (one G for every channel pair, as SGS learns it), ``(c_out, *K)``
+        (one per output channel, e.g. RepOptimizers' ``s² + t²·[centre]``), or the weight's
+        own shape (one multiplier per weight entry, e.g. RepOptimizers' identity term on the
+        ``o = i`` centre).  It is applied as given, not mean-normalised (Lemma 1 needs absolute
+        values; only the *learned* SGS scalings have mean 1).  Entries must be finite and > 0.
+
+        Raises:
+            KeyError: ``name`` is not a scaled layer.
+            ValueError: a shape other than those three (the message names the layer and the
+                expected shapes), or an entry that is not finite and > 0.
         """
         if name not in self._scalings:
             layers = list(self._scalings)[:10]
@@ -474,10 +509,13 @@ class SpatialGradientScaling(ParameterTransform):
             g = g.double()
         module = self.modules[name]
         kernel = tuple(module.kernel_size)
-        if tuple(g.shape) not in (kernel, (module.out_channels, *kernel)):
+        per_output = (module.out_channels, *kernel)
+        per_weight = (module.out_channels, module.in_channels // module.groups, *kernel)
+        if tuple(g.shape) not in (kernel, per_output, per_weight):
             raise ValueError(
                 f"scaling for {name!r} has shape {tuple(g.shape)}; expected the kernel shape "
-                f"{kernel} or (out_channels, *kernel) = {(module.out_channels, *kernel)}"
+                f"{kernel}, (out_channels, *kernel) = {per_output} or the weight's shape "
+                f"{per_weight}"
             )
         if not bool(torch.isfinite(g).all()) or not bool((g > 0).all()):
             raise ValueError(f"scaling for {name!r} must be finite and strictly positive")

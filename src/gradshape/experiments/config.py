@@ -8,7 +8,8 @@ traced to its settings.  Sections group the flags of the ``gradshape`` CLI:
 * :class:`ModelConfig`: which architecture and how wide;
 * :class:`OptimConfig`: optimizer, learning-rate schedule, epochs, regularisation;
 * :class:`SGSConfig`, :class:`GridConfig`, :class:`CDGConfig`, :class:`PGTConfig`,
-  :class:`ReparamConfig`: the settings of each method (used only when the method asks).
+  :class:`ReparamConfig`, :class:`BranchConfig`: the settings of each method (used only
+  when the method asks).
 
 Defaults follow the SGS paper's CIFAR setting where it gives one (SGD, momentum 0.9, lr 0.1,
 batch 128, cosine schedule, k = 5, refresh after 1 warm-up epoch then every 30 from 20 batches).
@@ -24,6 +25,7 @@ from typing import Any
 
 __all__ = [
     "OPTIMIZERS",
+    "BranchConfig",
     "CDGConfig",
     "DataConfig",
     "GridConfig",
@@ -175,8 +177,11 @@ class SGSConfig:
             latter).
         mode: ``"gradient"`` (scale the gradient) or ``"update"`` (scale the optimizer's step,
             the paper's Adagrad*; for adaptive optimizers).
-        refresh_warmup, refresh_every, refresh_batches: the refresh schedule
-            (:class:`gradshape.RefreshSchedule`).
+        refresh_warmup, refresh_every, refresh_batches, refresh_align: the refresh schedule
+            (:class:`gradshape.RefreshSchedule`); ``refresh_align="paper"`` refreshes at the
+            warm-up epoch and then at every epoch divisible by ``refresh_every`` (the authors'
+            code), ``"warmup"`` every ``refresh_every`` epochs counted from the warm-up.  A
+            ``refresh_every`` beyond the last epoch freezes G after its first measurement.
         diag_removal: drop zero pairs before histogramming (paper's ImageNet setting).
     """
 
@@ -186,6 +191,7 @@ class SGSConfig:
     refresh_warmup: int = 1
     refresh_every: int = 30
     refresh_batches: int = 20
+    refresh_align: str = "paper"
     diag_removal: bool = False
 
     def __post_init__(self) -> None:
@@ -195,6 +201,7 @@ class SGSConfig:
         _check_int("sgs", "refresh_warmup", self.refresh_warmup, 0)
         _check_int("sgs", "refresh_every", self.refresh_every, 1)
         _check_int("sgs", "refresh_batches", self.refresh_batches, 1)
+        _check_choice("sgs", "refresh_align", self.refresh_align, ("paper", "warmup"))
 
 
 @dataclass
@@ -252,6 +259,17 @@ class ReparamConfig:
         _check_choice("reparam", "bn", self.bn, ("per_branch", "after_sum"))
 
 
+@dataclass
+class BranchConfig:
+    """Fixed Lemma-1 scalings: ``kind`` names the structure whose ``G = Σ masks`` is applied
+    (not normalised) by the ``branch`` method (see :func:`gradshape.branch_scaling`)."""
+
+    kind: str = "acb"
+
+    def __post_init__(self) -> None:
+        _check_choice("branch", "kind", self.kind, ("acb", "repvgg", "dbb"))
+
+
 _SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -261,6 +279,7 @@ _SECTIONS: dict[str, type] = {
     "cdg": CDGConfig,
     "pgt": PGTConfig,
     "reparam": ReparamConfig,
+    "branch": BranchConfig,
 }
 
 
@@ -273,12 +292,16 @@ class RunConfig:
         seed: seeds weight initialisation, data order, augmentation and refresh batches.
         device: ``"auto"`` (CUDA when available, else CPU) or a torch device string.
         amp: mixed precision (float16 autocast + GradScaler); ``None`` = on for CUDA only.
+        eval_every: evaluate the validation and test splits after every ``eval_every``-th
+            epoch and always after the last (``0``: after the last only).  Evaluation draws no
+            random numbers, so it never changes what is trained.
     """
 
     method: str = "baseline"
     seed: int = 0
     device: str = "auto"
     amp: bool | None = None
+    eval_every: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -287,6 +310,7 @@ class RunConfig:
     cdg: CDGConfig = field(default_factory=CDGConfig)
     pgt: PGTConfig = field(default_factory=PGTConfig)
     reparam: ReparamConfig = field(default_factory=ReparamConfig)
+    branch: BranchConfig = field(default_factory=BranchConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
@@ -296,6 +320,7 @@ class RunConfig:
             _fail("run", "device", self.device, "'auto' or a torch device string")
         if self.amp is not None and not isinstance(self.amp, bool):
             _fail("run", "amp", self.amp, "True, False or None")
+        _check_int("run", "eval_every", self.eval_every, 0)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (nested by section)."""
@@ -334,7 +359,7 @@ def apply_override(cfg: RunConfig, key: str, raw: str, prefer: Sequence[str] = (
     section among ``prefer`` (the sections of the spec's own methods) that has it, so
     ``grid@alpha=2`` means ``grid.alpha``.  ``raw`` is converted to the field's current type.
     """
-    method_sections = ("sgs", "grid", "cdg", "pgt", "reparam")
+    method_sections = ("sgs", "grid", "cdg", "pgt", "reparam", "branch")
     if "." in key:
         section, name = key.split(".", 1)
         if section not in method_sections:

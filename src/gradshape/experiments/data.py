@@ -71,6 +71,7 @@ __all__ = [
     "LoadedData",
     "load_dataset",
     "make_loader",
+    "without_augmentation",
 ]
 
 #: Names :func:`load_dataset` accepts.
@@ -661,6 +662,38 @@ def load_dataset(
     else:
         raw = _cifar(name, folder)
     return _in_memory(name, raw, **split)
+
+
+def without_augmentation(dataset: Dataset) -> Dataset:
+    """The same images as ``dataset`` with its random augmentation switched off.
+
+    What the model sees of the training split at evaluation time (padding and normalisation
+    kept); used to measure how well a run fits its training images.  Returns ``dataset``
+    itself when it has no augmentation.
+    """
+    if isinstance(dataset, ImageTensorDataset):
+        if not dataset.crop_pad and not dataset.flip:
+            return dataset
+        return ImageTensorDataset(
+            dataset.images,
+            dataset.labels,
+            scale=dataset.scale,
+            mean=dataset.mean,
+            std=dataset.std,
+            pad_to=dataset.pad_to,
+        )
+    if isinstance(dataset, ImageFolderDataset):
+        if not dataset.random_crop and not dataset.flip:
+            return dataset
+        return ImageFolderDataset(
+            dataset.files,
+            dataset.labels.tolist(),
+            image_size=dataset.image_size,
+            mean=dataset.mean,
+            std=dataset.std,
+            pad_to=dataset.pad_to,
+        )
+    raise TypeError(f"without_augmentation: unknown data set type {type(dataset).__name__}")
 
 
 def make_loader(

@@ -31,7 +31,7 @@ from torch import nn
 from .. import reparam
 from ..channel import ChannelDirectedGradients
 from ..powergrad import PowerGrad
-from ..scaling import grid_scaling
+from ..scaling import branch_scaling, grid_scaling
 from ..spatial import RefreshSchedule, SpatialGradientScaling
 from ..transform import GradientTransform, compose
 from .config import RunConfig, apply_override
@@ -206,7 +206,9 @@ def _build_sgs(name: str) -> Callable[[_Build], None]:
             k=s.k,
             measure=s.measure,
             diag_removal=s.diag_removal,
-            schedule=RefreshSchedule(s.refresh_warmup, s.refresh_every, s.refresh_batches),
+            schedule=RefreshSchedule(
+                s.refresh_warmup, s.refresh_every, s.refresh_batches, s.refresh_align
+            ),
             seed=b.cfg.seed,
             **_sgs_kwargs(b),
         )
@@ -227,6 +229,23 @@ def _build_grid(b: _Build) -> None:
     for layer in sgs.scalings:
         sgs.set_scaling(layer, g)
     _attach_sgs(b, "grid", sgs)
+
+
+def _build_branch(b: _Build) -> None:
+    """Lemma 1's fixed G = Σ masks of ``branch.kind`` on every conv that structure converts.
+
+    Not normalised: with one BatchNorm after the branch sum and SGD, plain training with this
+    G follows the structure's merged weights exactly (``acb``, ``repvgg``).
+    """
+    kind = b.cfg.branch.kind
+    sgs = SpatialGradientScaling(b.model, include=_convertible, seed=b.cfg.seed, **_sgs_kwargs(b))
+    for layer, module in sgs.modules.items():
+        sgs.set_scaling(layer, branch_scaling(kind, tuple(module.kernel_size)))
+    _attach_sgs(b, "branch", sgs)
+
+
+def _convertible(_name: str, module: nn.Module) -> bool:
+    return not reparam.conversion_obstacle(module)
 
 
 def _build_cdg(b: _Build) -> None:
@@ -256,6 +275,9 @@ def _registry() -> Mapping[str, MethodInfo]:
         MethodInfo("grid", "fixed parametric 3x3 G (grid.alpha, grid.beta) on every 3x3 conv",
                    "sgs", _build_grid, param_transform=True, reports_scalings=True,
                    section="grid"),
+        MethodInfo("branch", "fixed Lemma-1 G = sum of a structure's masks (branch.kind), "
+                   "not normalised", "sgs", _build_branch, param_transform=True,
+                   reports_scalings=True, section="branch"),
         MethodInfo("acb", "ACNet: 3x3 + 1x3 + 3x1 branches, fused after training",
                    "structural", _structural("acb"), structural=True, section="reparam"),
         MethodInfo("repvgg", "RepVGG: 3x3 + 1x1 + identity branches, fused after training",

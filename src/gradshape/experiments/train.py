@@ -32,7 +32,7 @@ from .. import reparam
 from ..distributed import all_reduce_, fail_together, rank_and_world
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .data import load_dataset, make_loader
+from .data import load_dataset, make_loader, without_augmentation
 from .launch import check_in_sync, device_for_rank, is_main_process
 from .methods import MethodInfo, MethodState, build_method, resolve_method
 from .models import create_model
@@ -53,7 +53,7 @@ CHECKPOINT = "checkpoint.pt"
 RUN_RECORD = "run.json"
 _FORMAT = 1
 # Settings a resumed run may change without changing its arithmetic.
-_RESUME_FREE = (("device",), ("data", "path"), ("data", "num_workers"))
+_RESUME_FREE = (("device",), ("eval_every",), ("data", "path"), ("data", "num_workers"))
 
 
 class RunExistsError(FileExistsError):
@@ -357,6 +357,9 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
 
 
 def _check_same_settings(saved: dict[str, Any], cfg: RunConfig, source: Path) -> None:
+    with contextlib.suppress(TypeError, ValueError):
+        # settings added since the run started take their defaults
+        saved = RunConfig.from_dict(saved).to_dict()
     diffs = _config_differences(saved, cfg.to_dict())
     if diffs:
         raise ValueError(
@@ -403,10 +406,13 @@ def train_run(
 
     The record holds ``method``, ``seed``, ``k`` (for methods that use it), ``config``,
     ``test_acc`` and ``val_acc`` (fractions; for structural methods the fused model's, with
-    ``test_acc_unfused`` and ``fusion_max_abs_diff`` beside them), ``train_seconds`` (training
-    passes and refreshes, no evaluation), ``refresh_seconds``, ``eval_seconds``, ``params``
-    (at training time) and ``params_deployed`` (after fusion), ``history`` (per epoch:
-    ``epoch``, ``train_loss``, ``train_acc``, ``val_acc``, ``test_acc``, ``seconds``, ``lr``,
+    ``test_acc_unfused`` and ``fusion_max_abs_diff`` beside them), ``train_eval_acc`` (the
+    final model's accuracy on the training images without augmentation, in eval mode: how well
+    the run fits its training set), ``train_seconds`` (training passes and refreshes, no
+    evaluation), ``refresh_seconds``, ``eval_seconds``, ``params`` (at training time) and
+    ``params_deployed`` (after fusion), ``history`` (per epoch: ``epoch``, ``train_loss``,
+    ``train_acc`` (running, on the augmented batches in training mode), ``val_acc`` and
+    ``test_acc`` (``None`` on the epochs ``cfg.eval_every`` skips), ``seconds``, ``lr``,
     ``images`` (trained on, all ranks), ``images_per_second``, ``refreshed``), ``scalings``
     (for SGS-type methods: G per layer at every refresh and at the end) and
     ``kernel_magnitude`` (see :func:`kernel_magnitude`).
@@ -513,6 +519,13 @@ class _Run:
         self.test_loader = make_loader(
             data.test, eval_size, shuffle=False, seed=cfg.seed, num_workers=workers
         )
+        self.fit_loader = make_loader(
+            without_augmentation(data.train),
+            eval_size,
+            shuffle=False,
+            seed=cfg.seed,
+            num_workers=workers,
+        )
         self.val_loader = None
         if data.val is not None:
             self.val_loader = make_loader(
@@ -585,10 +598,12 @@ class _Run:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t2 = time.perf_counter()
-        val_acc = None
-        if self.val_loader is not None:
-            val_acc = evaluate(self.model, self.val_loader, device, amp=self.amp)
-        test_acc = evaluate(self.model, self.test_loader, device, amp=self.amp)
+        val_acc = test_acc = None
+        every = self.cfg.eval_every
+        if epoch == epochs - 1 or (every and (epoch + 1) % every == 0):
+            if self.val_loader is not None:
+                val_acc = evaluate(self.model, self.val_loader, device, amp=self.amp)
+            test_acc = evaluate(self.model, self.test_loader, device, amp=self.amp)
         self.clock["refresh"] += t1 - t0
         self.clock["train"] += t2 - t0
         self.clock["eval"] += time.perf_counter() - t2
@@ -611,7 +626,8 @@ class _Run:
         self.bar.end(
             f"epoch {epoch + 1}/{epochs}: loss {loss:.4f}, train {acc:.2%}, "
             + (f"val {val_acc:.2%}, " if val_acc is not None else "")
-            + f"test {test_acc:.2%}, {t2 - t0:.1f} s, {speed:.0f} img/s"
+            + (f"test {test_acc:.2%}, " if test_acc is not None else "")
+            + f"{t2 - t0:.1f} s, {speed:.0f} img/s"
             + (" (G refreshed)" if refreshed else "")
         )
 
@@ -628,6 +644,7 @@ class _Run:
             test_acc = evaluate(deployed, self.test_loader, device, amp=amp)
             if self.val_loader is not None:
                 val_acc = evaluate(deployed, self.val_loader, device, amp=amp)
+        train_eval_acc = evaluate(deployed, self.fit_loader, device, amp=amp)
         return {
             "method": cfg.method,
             "seed": cfg.seed,
@@ -639,6 +656,7 @@ class _Run:
             "config": cfg.to_dict(),
             "test_acc": test_acc,
             "val_acc": val_acc,
+            "train_eval_acc": train_eval_acc,
             **fusion,
             "train_seconds": self.clock["train"],
             "refresh_seconds": self.clock["refresh"],

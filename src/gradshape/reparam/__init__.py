@@ -55,6 +55,7 @@ from .blocks import (
     PointwiseBranch,
     ReparamBlock,
     RepVGGBlock,
+    conversion_obstacle,
 )
 from .convert import KINDS, Conversion, convert, following_batchnorms, fuse, max_output_difference
 
@@ -70,6 +71,7 @@ __all__ = [
     "PointwiseBranch",
     "RepVGGBlock",
     "ReparamBlock",
+    "conversion_obstacle",
     "convert",
     "following_batchnorms",
     "fuse",
