@@ -1,4 +1,5 @@
-"""PowerGrad: the logits' gradient against (softmax(αz) − q)·w by hand, identities, errors."""
+"""PowerGrad: the logits' gradient against (softmax(αz) − q)·w by hand, nn.CrossEntropyLoss's
+ignore_index and reductions at α = 1, identities, errors."""
 
 from __future__ import annotations
 
@@ -136,6 +137,99 @@ def test_parameter_gradients_are_the_chain_rule_of_the_logit_gradient():
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-14)
 
 
+# ---- ignore_index and reduction, as nn.CrossEntropyLoss ---------------------------------------
+def with_ignored(target, ignore_index, every=3):
+    """target with every third prediction (in flat order) set to ignore_index."""
+    out = target.clone()
+    out.view(-1)[::every] = ignore_index
+    return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("s", [0.0, 0.1])
+@pytest.mark.parametrize(("ignore_index", "extra"), [(-100, ()), (2, ()), (-100, (2, 3))])
+def test_alpha_one_equals_cross_entropy_loss_with_ignored_targets(
+    reduction, s, ignore_index, extra
+):
+    z, t = logits_and_target(n=7, extra=extra)
+    t = with_ignored(t, ignore_index)
+    ref = z.detach().clone().requires_grad_()
+    criterion = nn.CrossEntropyLoss(
+        ignore_index=ignore_index, label_smoothing=s, reduction=reduction
+    )
+    expected = criterion(ref, t)
+    got = powergrad_cross_entropy(
+        z, t, 1.0, ignore_index=ignore_index, label_smoothing=s, reduction=reduction
+    )
+    # a few ulps of round-off on O(1) values
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-14)
+    grad_out = torch.rand(got.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    got.backward(grad_out)
+    expected.backward(grad_out)
+    torch.testing.assert_close(z.grad, ref.grad, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ignored_targets_get_no_gradient_and_kept_ones_follow_the_formula(reduction):
+    z, t = logits_and_target(n=9)
+    t = with_ignored(t, -100)
+    kept = t != -100
+    criterion = PowerGrad(alpha=0.3, label_smoothing=0.1, reduction=reduction)
+    loss = criterion(z, t)  # default ignore_index = -100, as nn.CrossEntropyLoss
+    expected = F.cross_entropy(z, t, label_smoothing=0.1, reduction=reduction)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-14)
+    loss.sum().backward()
+    q = smoothed_onehot(t[kept], 5, 0.1)
+    scale = 1 / int(kept.sum()) if reduction == "mean" else 1.0
+    torch.testing.assert_close(
+        z.grad[kept], (power_softmax(z[kept], 0.3) - q) * scale, rtol=0, atol=1e-15
+    )
+    assert torch.equal(z.grad[~kept], torch.zeros_like(z.grad[~kept]))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_all_ignored_batch_gives_torchs_result(reduction, alpha):
+    z, _ = logits_and_target()
+    t = torch.full((6,), -100)
+    ref = z.detach().clone().requires_grad_()
+    expected = F.cross_entropy(ref, t, label_smoothing=0.1, reduction=reduction)  # mean: nan
+    got = powergrad_cross_entropy(z, t, alpha, label_smoothing=0.1, reduction=reduction)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    got.sum().backward()
+    expected.sum().backward()
+    assert torch.equal(z.grad, ref.grad) and not z.grad.any()
+
+
+def test_probability_targets_ignore_nothing():
+    z, _ = logits_and_target()
+    probs = torch.softmax(torch.randn(6, 5, dtype=F64), dim=1)
+    powergrad_cross_entropy(z, probs, 0.4, ignore_index=-1).backward()
+    expected = (power_softmax(z, 0.4) - probs) / 6
+    torch.testing.assert_close(z.grad, expected, rtol=0, atol=1e-15)
+    with pytest.raises(RuntimeError, match="ignore_index"):  # torch's own rule
+        F.cross_entropy(z, probs, ignore_index=0)
+    with pytest.raises(ValueError, match="ignore_index = 0 with a class-probability target"):
+        powergrad_cross_entropy(z, probs, 0.4, ignore_index=0)
+
+
+def test_unsupported_cross_entropy_arguments_are_refused_by_name():
+    z, t = logits_and_target()
+    for kwargs, words in [
+        (dict(weight=torch.ones(5)), "weight .*per-class weights"),
+        (dict(size_average=False), "size_average .*reduction="),
+        (dict(reduce=False), "reduce .*reduction="),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            PowerGrad(**kwargs)
+        with pytest.raises(ValueError, match=words):
+            powergrad_cross_entropy(z, t, **kwargs)
+    with pytest.raises(TypeError, match="not nn.CrossEntropyLoss's class weight"):
+        PowerGrad(torch.ones(5))  # CrossEntropyLoss's first argument is the class weight
+    with pytest.raises(TypeError, match="ignore_index"):
+        PowerGrad(ignore_index=1.5)
+
+
 # ---- identities ------------------------------------------------------------------------------
 def test_alpha_one_training_step_equals_baseline_exactly():
     torch.manual_seed(0)
@@ -243,6 +337,8 @@ def test_bad_inputs_raise():
         powergrad_cross_entropy(z, torch.tensor([0, 1, 2, 3, 4, 5]))
     with pytest.raises(ValueError, match="class index -1"):
         PowerGrad()(z, torch.tensor([0, 1, 2, 3, 4, -1]))
+    with pytest.raises(ValueError, match="class index -100.*ignore_index = -1"):
+        PowerGrad(ignore_index=-1)(z, torch.tensor([0, 1, 2, 3, -1, -100]))
     with pytest.raises(ValueError, match=r"\(N, C\)"):
         powergrad_cross_entropy(z[0], t[0])
     with pytest.raises(TypeError, match="floating"):

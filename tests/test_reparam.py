@@ -265,7 +265,7 @@ class Untraceable(nn.Module):
         return -self.body(x)
 
 
-def test_following_batchnorms_by_graph_and_by_sequential():
+def test_following_batchnorms_by_graph_also_inside_an_untraceable_model():
     assert reparam.following_batchnorms(ResidualBlock()) == {"conv1": "bn1"}
     assert reparam.following_batchnorms(Untraceable()) == {"body.0": "body.1"}
     with pytest.warns(UserWarning, match="conv2: no BatchNorm2d directly follows"):

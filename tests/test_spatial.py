@@ -322,7 +322,7 @@ def test_conv1d_conv3d_dilation_groups_and_padding_modes():
         nn.ReLU(),
         nn.Conv1d(4, 6, 4, padding="same"),
     )
-    sgs = gs.SpatialGradientScaling(model).refresh([torch.rand(3, 4, 30)])
+    sgs = gs.SpatialGradientScaling(model, even_kernels=True).refresh([torch.rand(3, 4, 30)])
     assert sgs.scalings["0"].shape == (5,) and sgs.scalings["2"].shape == (4,)
     x = torch.rand(3, 4, 30)
     inputs = captured_inputs(model, ["0"], [x])["0"]
@@ -428,7 +428,7 @@ def test_load_state_dict_validates():
 # ---- errors ---------------------------------------------------------------------------------
 def test_bad_construction_arguments():
     model = small_net()
-    with pytest.raises(ValueError, match="no Conv1d/Conv2d/Conv3d"):
+    with pytest.raises(ValueError, match="has 1 convolution and none to act on: 1 with a 1x1"):
         gs.SpatialGradientScaling(nn.Sequential(nn.Linear(3, 3), nn.Conv2d(3, 3, 1)))
     with pytest.raises(ValueError, match="k must be"):
         gs.SpatialGradientScaling(model, k=0)

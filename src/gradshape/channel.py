@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .selection import LayerSelector, layer_predicate, unwrap_model
+from .selection import LayerSelector, frozen_reason, layer_predicate, unwrap_model
 from .transform import ParameterTransform
 
 __all__ = [
@@ -147,8 +147,9 @@ def eligible_layers(
 
     Eligible: every module of a kind in ``layers`` (``"conv"``: Conv1d/2d/3d and their
     transposed forms, any kernel size, grouped included; ``"linear"``: nn.Linear) whose weight
-    is a plain Parameter.  ``include`` keeps only matching modules (one named explicitly that
-    is not eligible raises); ``exclude`` drops matches.
+    is a plain Parameter that requires a gradient (frozen weights are skipped).  ``include``
+    keeps only matching modules (one named explicitly that is not eligible raises);
+    ``exclude`` drops matches.
     """
     inc, exc = layer_predicate(include, "include"), layer_predicate(exclude, "exclude")
     chosen: dict[str, nn.Module] = {}
@@ -170,7 +171,7 @@ def eligible_layers(
         elif not isinstance(weight, nn.Parameter):
             reason = f"{kind}'s weight is not a Parameter"
         else:
-            reason = ""
+            reason = frozen_reason(kind, weight)
         if reason:
             if inc is not None and wanted and not callable(include):
                 raise ValueError(f"{_CDG}: {reason} (module {name!r}, asked for by include)")
@@ -292,7 +293,15 @@ class ChannelDirectedGradients(ParameterTransform):
         self.modules: dict[str, nn.Module] = chosen
         self.skipped: dict[str, str] = skipped
         self._dims = {n: _layer_dims(m, axis) for n, m in chosen.items()}
-        super().__init__({n: m.weight for n, m in chosen.items()}, mode=mode, optimizer=optimizer)
+        super().__init__(
+            {n: m.weight for n, m in chosen.items()},
+            mode=mode,
+            optimizer=optimizer,
+            watch=unwrap_model(model),
+        )
+
+    def _current_parameter(self, name: str) -> nn.Parameter:
+        return self.modules[name].weight
 
     @property
     def a(self) -> float:

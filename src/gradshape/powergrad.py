@@ -25,6 +25,11 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check_alpha(alpha: float, allow_sharpen: bool, owner: str) -> float:
+    if isinstance(alpha, torch.Tensor):
+        raise TypeError(
+            f"{owner}: alpha must be a real number, got a Tensor (the first argument is the "
+            "power α, not nn.CrossEntropyLoss's class weight; class weights are not supported)"
+        )
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"{owner}: alpha must be a real number, got {type(alpha).__name__}")
     if not math.isfinite(alpha) or alpha <= 0:
@@ -45,7 +50,32 @@ def _check_smoothing(label_smoothing: float, owner: str) -> float:
     return float(label_smoothing)
 
 
-def _check_inputs(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> None:
+def _check_ignore_index(ignore_index: int, owner: str) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"{owner}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    return int(ignore_index)
+
+
+def _refuse_unsupported(
+    owner: str, weight: torch.Tensor | None, size_average: bool | None, reduce: bool | None
+) -> None:
+    """nn.CrossEntropyLoss's arguments PowerGrad does not take, refused by name."""
+    if weight is not None:
+        raise ValueError(
+            f"{owner}: weight (CrossEntropyLoss's per-class weights) is not supported; leave it "
+            "None, or use nn.CrossEntropyLoss(weight=...) without PowerGrad"
+        )
+    for label, value in (("size_average", size_average), ("reduce", reduce)):
+        if value is not None:
+            raise ValueError(
+                f"{owner}: {label} (deprecated in torch) is not supported; use reduction="
+                "'mean', 'sum' or 'none'"
+            )
+
+
+def _check_inputs(
+    logits: torch.Tensor, target: torch.Tensor, reduction: str, ignore_index: int
+) -> None:
     owner = "powergrad_cross_entropy"
     if reduction not in REDUCTIONS:
         raise ValueError(f"{owner}: unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
@@ -63,6 +93,12 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, reduction: str) ->
                 f"{owner}: class-probability target of shape {tuple(target.shape)} does not "
                 f"match logits of shape {tuple(logits.shape)}"
             )
+        if ignore_index >= 0:
+            raise ValueError(
+                f"{owner}: ignore_index = {ignore_index} with a class-probability target: it "
+                "applies to class indices only (torch's cross_entropy refuses a non-negative "
+                "one here); leave it at -100"
+            )
         return
     expected = (logits.shape[0], *logits.shape[2:])
     if tuple(target.shape) != expected:
@@ -74,14 +110,15 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, reduction: str) ->
         raise TypeError(
             f"{owner}: class-index target must be an integer tensor, got {target.dtype}"
         )
-    if target.numel():
-        low, high = int(target.min()), int(target.max())
+    kept = target[target != ignore_index]
+    if kept.numel():
+        low, high = int(kept.min()), int(kept.max())
         classes = logits.shape[1]
         if low < 0 or high >= classes:
             bad = low if low < 0 else high
             raise ValueError(
                 f"{owner}: target holds class index {bad}, outside [0, {classes}) for logits "
-                f"with C = {classes} classes"
+                f"with C = {classes} classes (and not ignore_index = {ignore_index})"
             )
 
 
@@ -104,15 +141,23 @@ def _target_distribution(
 
 
 class _PowerGradCE(torch.autograd.Function):
-    """Forward: F.cross_entropy.  Backward: (softmax(α z)·Σq − q) · grad_output · (1/B)."""
+    """Forward: F.cross_entropy.  Backward: (softmax(α z)·Σq − q) · grad_output / B on the
+    kept predictions (B of them), zero on the ignored ones."""
 
     @staticmethod
-    def forward(ctx, logits, target, alpha, label_smoothing, reduction):
+    def forward(ctx, logits, target, alpha, label_smoothing, reduction, ignore_index):
         z = logits.to(_compute_dtype(logits))
         tgt = target.to(z.dtype) if target.is_floating_point() else target.long()
-        loss = F.cross_entropy(z, tgt, label_smoothing=label_smoothing, reduction=reduction)
+        loss = F.cross_entropy(
+            z,
+            tgt,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            reduction=reduction,
+        )
         ctx.save_for_backward(logits, target)
         ctx.alpha, ctx.label_smoothing, ctx.reduction = alpha, label_smoothing, reduction
+        ctx.ignore_index = ignore_index
         return loss.to(logits.dtype)
 
     @staticmethod
@@ -120,18 +165,27 @@ class _PowerGradCE(torch.autograd.Function):
     def backward(ctx, grad_output):
         logits, target = ctx.saved_tensors
         z = logits.to(_compute_dtype(logits))
-        q = _target_distribution(target, z, ctx.label_smoothing)
         p = torch.softmax(ctx.alpha * z, dim=1)
-        # Σ_c q_c = 1 for a distribution; kept so that α = 1 equals CE's gradient for any target.
-        grad = p * q.sum(1, keepdim=True) - q if target.is_floating_point() else p - q
+        if target.is_floating_point():
+            q = _target_distribution(target, z, ctx.label_smoothing)
+            # Σ_c q_c = 1 for a distribution; kept so that α = 1 is CE's gradient for any target.
+            grad = p * q.sum(1, keepdim=True) - q
+            count = z.numel() // z.shape[1]
+        else:
+            kept = target != ctx.ignore_index
+            q = _target_distribution(target.where(kept, 0), z, ctx.label_smoothing)
+            grad = (p - q) * kept.unsqueeze(1)
+            # all ignored: "mean" is 0/0 = nan in the forward, its gradient 0 (as torch's);
+            # a tensor, so that the backward does not wait for the device
+            count = kept.sum().clamp(min=1)
         g = grad_output.to(z.dtype)
         if ctx.reduction == "mean":
-            grad = grad * (g / (z.numel() // z.shape[1]))
+            grad = grad * (g / count)
         elif ctx.reduction == "sum":
             grad = grad * g
         else:
             grad = grad * g.unsqueeze(1)
-        return grad.to(logits.dtype), None, None, None, None
+        return grad.to(logits.dtype), None, None, None, None, None
 
 
 def powergrad_cross_entropy(
@@ -139,44 +193,59 @@ def powergrad_cross_entropy(
     target: torch.Tensor,
     alpha: float = 0.25,
     *,
+    ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     allow_sharpen: bool = False,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
 ) -> torch.Tensor:
     r"""Cross-entropy whose gradient w.r.t. the logits uses ``softmax(α z)`` instead of
     ``softmax(z)`` (PowerGrad Transform, Das et al., arXiv 2111.12495).
 
-    Forward: exactly ``F.cross_entropy(logits, target, label_smoothing=s, reduction=...)``.
-    Backward, with ``p̃ = softmax(α z)`` along dim 1 (``p̃_c = p_c^α / Σ_j p_j^α``) and the
-    target distribution ``q = (1 − s)·onehot(target) + s/C`` (for probability targets,
-    ``q = (1 − s)·target + s/C``, as F.cross_entropy smooths them):
+    Forward: exactly ``F.cross_entropy(logits, target, ignore_index=..., label_smoothing=s,
+    reduction=...)``.  Backward, with ``p̃ = softmax(α z)`` along dim 1
+    (``p̃_c = p_c^α / Σ_j p_j^α``) and the target distribution
+    ``q = (1 − s)·onehot(target) + s/C`` (for probability targets, ``q = (1 − s)·target + s/C``,
+    as F.cross_entropy smooths them):
 
-    .. math::  \partial L / \partial z = (\tilde p - q) \cdot w
+    .. math::  \partial L / \partial z_i = (\tilde p_i - q_i) \cdot w_i
 
-    with ``w = grad_output / B`` for ``"mean"`` (B = number of predictions, N·d1·…),
-    ``grad_output`` for ``"sum"`` and ``grad_output[i]`` per prediction for ``"none"``; the
-    incoming gradient is honoured, so AMP loss scaling and gradient accumulation stay exact.
-    (For probability targets that do not sum to 1 the first term is ``p̃·Σq``, so that
-    ``α = 1`` is CE's gradient for every target.)
+    for every prediction ``i`` whose target is not ``ignore_index``, and 0 for the ignored
+    ones, with ``w = grad_output / B`` for ``"mean"`` (B = number of kept predictions, as
+    ``nn.CrossEntropyLoss`` averages), ``grad_output`` for ``"sum"`` and ``grad_output[i]``
+    per prediction for ``"none"`` (where an ignored prediction's loss is 0); the incoming
+    gradient is honoured, so AMP loss scaling and gradient accumulation stay exact.  A batch
+    whose targets are all ignored gives torch's results: a ``nan`` mean (0/0) with a zero
+    gradient, a zero sum.  (For probability targets that do not sum to 1 the first term is
+    ``p̃·Σq``, so that ``α = 1`` is CE's gradient for every target.)
 
     Args:
         logits: ``(N, C)`` or ``(N, C, d1, ...)``, floating point; half/bfloat16 are computed
             in float32 (the loss is returned in the logits' dtype).
-        target: class indices ``(N,)``/``(N, d1, ...)`` in ``[0, C)``, or class probabilities
-            of the logits' shape.  No gradient flows to the target.
+        target: class indices ``(N,)``/``(N, d1, ...)`` in ``[0, C)`` or equal to
+            ``ignore_index``, or class probabilities of the logits' shape (where, as in torch,
+            ``ignore_index`` plays no part and must be negative).  No gradient flows to the
+            target.
         alpha: the power α; ``0 < α ≤ 1`` (α = 1: plain cross-entropy; the paper uses 0.25 for
             ResNet-18, 0.3 for ResNet-50).  ``α > 1`` needs ``allow_sharpen=True``.
+        ignore_index: the class index whose predictions count for nothing (default -100, as
+            ``nn.CrossEntropyLoss``'s).
         label_smoothing: s in ``[0, 1)``.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.  Class weights and ``ignore_index`` are
-            not supported.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        weight, size_average, reduce: ``F.cross_entropy``'s class weights and deprecated
+            reduction flags, not supported: anything but ``None`` raises ``ValueError``.
 
     Not twice differentiable.
     """
     owner = "powergrad_cross_entropy"
+    _refuse_unsupported(owner, weight, size_average, reduce)
     alpha = _check_alpha(alpha, allow_sharpen, owner)
+    ignore_index = _check_ignore_index(ignore_index, owner)
     label_smoothing = _check_smoothing(label_smoothing, owner)
-    _check_inputs(logits, target, reduction)
-    return _PowerGradCE.apply(logits, target, alpha, label_smoothing, reduction)
+    _check_inputs(logits, target, reduction, ignore_index)
+    return _PowerGradCE.apply(logits, target, alpha, label_smoothing, reduction, ignore_index)
 
 
 class PowerGrad(nn.Module, GradientTransform):
@@ -191,9 +260,13 @@ class PowerGrad(nn.Module, GradientTransform):
 
     Args:
         alpha: the power α (``0 < α ≤ 1``; the paper: 0.25 for ResNet-18, 0.3 for ResNet-50).
+        ignore_index: targets equal to it count for nothing (default -100, as
+            ``nn.CrossEntropyLoss``'s); ``"mean"`` averages over the others.
         label_smoothing: s in ``[0, 1)``; the paper combines PGT with s = 0.1.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         allow_sharpen: permit α > 1 (a sharpened backward, outside the paper).
+        weight, size_average, reduce: ``nn.CrossEntropyLoss``'s class weights and deprecated
+            reduction flags, not supported: anything but ``None`` raises ``ValueError``.
 
     The transform acts whenever the module is in training mode (the default) and autograd
     records the loss; in ``.eval()`` mode, and at α = 1, the module calls ``F.cross_entropy``
@@ -216,11 +289,16 @@ class PowerGrad(nn.Module, GradientTransform):
         self,
         alpha: float = 0.25,
         *,
+        ignore_index: int = -100,
         label_smoothing: float = 0.0,
         reduction: str = "mean",
         allow_sharpen: bool = False,
+        weight: torch.Tensor | None = None,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
     ) -> None:
         super().__init__()
+        _refuse_unsupported("PowerGrad", weight, size_average, reduce)
         if reduction not in REDUCTIONS:
             raise ValueError(
                 f"PowerGrad: unknown reduction {reduction!r}; expected one of {REDUCTIONS}"
@@ -228,6 +306,7 @@ class PowerGrad(nn.Module, GradientTransform):
         self.allow_sharpen = bool(allow_sharpen)
         self.alpha = _check_alpha(alpha, self.allow_sharpen, "PowerGrad")
         self.label_smoothing = _check_smoothing(label_smoothing, "PowerGrad")
+        self.ignore_index = _check_ignore_index(ignore_index, "PowerGrad")
         self.reduction = reduction
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -236,13 +315,18 @@ class PowerGrad(nn.Module, GradientTransform):
                 logits,
                 target,
                 self.alpha,
+                ignore_index=self.ignore_index,
                 label_smoothing=self.label_smoothing,
                 reduction=self.reduction,
                 allow_sharpen=self.allow_sharpen,
             )
-        _check_inputs(logits, target, self.reduction)
+        _check_inputs(logits, target, self.reduction, self.ignore_index)
         return F.cross_entropy(
-            logits, target, label_smoothing=self.label_smoothing, reduction=self.reduction
+            logits,
+            target,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            reduction=self.reduction,
         )
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -261,5 +345,5 @@ class PowerGrad(nn.Module, GradientTransform):
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha}, label_smoothing={self.label_smoothing}, "
-            f"reduction={self.reduction!r}"
+            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}"
         )

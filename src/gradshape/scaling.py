@@ -77,6 +77,7 @@ def dependence_to_scaling(
     *,
     floor: float = DEFAULT_FLOOR,
     layer: str = "layer",
+    live: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Turn per-channel dependence matrices into one mean-1 spatial gradient scaling.
 
@@ -87,12 +88,24 @@ def dependence_to_scaling(
         floor: lower bound applied after averaging, before normalisation (see
             :data:`DEFAULT_FLOOR`); must lie in (0, 1].
         layer: name used in the warning.
+        live: optional bool tensor of the kernel's shape: the taps that see at least one pair
+            of real pixels (see ``DependenceAccumulator.live``).  ``None``: every tap is live.
 
     Returns:
-        ``G`` of shape ``kernel``, float64, strictly positive, ``G.mean() == 1``:
-        ``G = clamp(nanmean_c k_transform(S_c), floor) / mean(...)``.  A position where every
-        channel is NaN gets the floor.  When every channel is degenerate at every off-centre
-        position, ``G`` is all ones and a :class:`RuntimeWarning` names the layer.
+        ``G`` of shape ``kernel``, float64, strictly positive, mean 1 over the live taps:
+        ``G = clamp(nanmean_c k_transform(S_c), floor) / mean_live(...)`` on live taps and
+        ``G = 1`` on dead ones.  A live position where every channel is NaN gets the floor.
+        When no off-centre tap is live, or every channel is degenerate at every live
+        off-centre position, ``G`` is all ones and a :class:`RuntimeWarning` names the layer.
+
+    .. warning::
+        Dead taps are a deliberate deviation from the authors' code.  A tap whose offset
+        reaches beyond the map (dilation × offset ≥ the map's size, e.g. an atrous rate-12
+        branch on an 8×8 map, or a 7×7×7 kernel on a 1×1×1 bottleneck) multiplies zero padding
+        only: its gradient is exactly 0, but its small dependence would still count in the
+        mean, and the live taps would absorb the rest (their code gives the centre the whole
+        kernel's weight, up to ~200× the plain step).  Here such a layer behaves like the 1×1
+        conv it effectively is.
     """
     if not isinstance(dependence, torch.Tensor):
         raise TypeError(
@@ -106,27 +119,37 @@ def dependence_to_scaling(
     if dependence.is_complex():
         raise TypeError("dependence_to_scaling: dependence must be real")
     _check_floor(floor, "dependence_to_scaling")
+    kernel_shape = dependence.shape[1:]
+    if live is None:
+        live = torch.ones(kernel_shape, dtype=torch.bool)
+    elif not isinstance(live, torch.Tensor) or live.shape != kernel_shape:
+        raise ValueError(
+            f"dependence_to_scaling: live must be a bool tensor of the kernel's shape "
+            f"{tuple(kernel_shape)} for {layer!r}"
+        )
+    live = live.to("cpu", torch.bool)
+    dependence = torch.where(live, dependence.double().cpu(), torch.nan)
     defined = dependence[~torch.isnan(dependence)]
     if not bool(((defined >= 0) & (defined <= 1)).all()):
         raise ValueError(
             f"dependence_to_scaling: the dependence of {layer!r} must lie in [0, 1] (NaN where "
             "undefined)"
         )
-    s = k_transform(dependence.double(), k)
+    s = k_transform(dependence, k)
     valid = ~torch.isnan(s)
     counts = valid.sum(0)
-    kernel_shape = s.shape[1:]
+    off_centre = counts.clone()
     if s[0].numel() > 1:
-        centre = tuple(n // 2 for n in kernel_shape)
-        off_centre = counts.clone()
-        off_centre[centre] = 0
-        degenerate = int(off_centre.sum()) == 0
-    else:
-        degenerate = int(counts.sum()) == 0
-    if degenerate:
+        off_centre[tuple(n // 2 for n in kernel_shape)] = 0
+    if int(off_centre.sum()) == 0:
+        why = (
+            "every channel of its input is degenerate (constant, or no pixel pairs)"
+            if bool(live.sum() > 1) or s[0].numel() == 1
+            else "no off-centre tap sees a pair of real pixels (the kernel reaches beyond the "
+            "map: it acts as a 1x1 conv)"
+        )
         warnings.warn(
-            f"SGS: every channel of the input of {layer!r} is degenerate (constant, or no pixel "
-            "pairs): its spatial gradient scaling is set to all ones",
+            f"SGS: {why} in {layer!r}: its spatial gradient scaling is set to all ones",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -134,7 +157,8 @@ def dependence_to_scaling(
     total = torch.where(valid, s, torch.zeros_like(s)).sum(0)
     mean = torch.where(counts > 0, total / counts.clamp(min=1), torch.zeros_like(total))
     mean = mean.clamp(min=floor)
-    return mean / mean.mean()
+    g = mean / mean[live].mean()
+    return torch.where(live, g, torch.ones_like(g))
 
 
 def masks_to_scaling(masks: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -9,11 +9,21 @@ model under ``torch.compile`` or (Distributed)DataParallel.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 from torch import nn
 
-__all__ = ["LayerSelector", "forward_override", "layer_predicate", "unwrap_model"]
+__all__ = [
+    "LayerSelector",
+    "Skip",
+    "forward_override",
+    "frozen_reason",
+    "layer_predicate",
+    "no_layer_message",
+    "unwrap_model",
+]
 
 #: Module names or ``fnmatch`` patterns (one or several), or ``(name, module) -> bool``.
 LayerSelector = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
@@ -40,6 +50,54 @@ def layer_predicate(select: LayerSelector, label: str) -> Callable[[str, nn.Modu
             f"{label} must be module names/patterns or a predicate (name, module) -> bool"
         )
     return lambda name, _m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class Skip(NamedTuple):
+    """A layer left out: a short ``kind`` (for the counts of an error's headline) and the
+    ``reason`` given to the user (name the module's class, say what to do)."""
+
+    kind: str
+    reason: str
+
+
+def frozen_reason(kind: str, weight: object) -> str:
+    """The reason a layer with a frozen weight is skipped (``""`` if it trains)."""
+    if getattr(weight, "requires_grad", True):
+        return ""
+    return (
+        f"{kind}'s weight is frozen (requires_grad=False): it gets no gradient to transform; "
+        "unfreeze it before attaching to have it transformed"
+    )
+
+
+def no_layer_message(
+    owner: str,
+    model: nn.Module,
+    total: int,
+    layer_kind: str,
+    skipped: Mapping[str, Skip],
+    include: object,
+) -> str:
+    """Headline of the error raised when a transform finds no layer to act on.
+
+    Counts the ``total`` layers of ``layer_kind`` the model has and, per kind of skip, how many
+    were left out and why (the first reason of each kind stands for the rest).
+    """
+    counts = Counter(s.kind for s in skipped.values())
+    first = {}
+    for name, s in skipped.items():
+        first.setdefault(s.kind, (name, s.reason))
+    parts = [
+        f"{n} {kind} (e.g. {first[kind][0]!r}: {first[kind][1]})" for kind, n in counts.items()
+    ]
+    head = (
+        f"{owner}: {type(model).__name__} has {total} {layer_kind}"
+        + ("" if total == 1 else "s")
+        + " and none to act on"
+    )
+    if include is not None:
+        head += f" (include={include!r} selects no eligible one)"
+    return head + (": " + "; ".join(parts) if parts else "")
 
 
 _TORCH_CONVS = (

@@ -6,22 +6,28 @@ Reference: A. Detkov, M. Salameh, M. F. Qharabagh, J. Zhang, W. Lui, S. Jui, D. 
 
 from __future__ import annotations
 
-import contextlib
 import numbers
-import random
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .dependence import MEASURES, PairGeometry, make_accumulator
-from .distributed import check_same_on_all_ranks, fail_together, rank_and_world
+from .dependence import MEASURES
+from .distributed import check_same_on_all_ranks
+from .refresh import Measurement, SampledBatches, make_accumulator_factory, measure_layers
 from .scaling import DEFAULT_FLOOR, _check_floor, _check_k, dependence_to_scaling
-from .selection import LayerSelector, layer_predicate, unwrap_model
+from .selection import (
+    LayerSelector,
+    Skip,
+    frozen_reason,
+    layer_predicate,
+    no_layer_message,
+    unwrap_model,
+)
 from .transform import ParameterTransform
 
 _SGS = "SpatialGradientScaling"
@@ -91,57 +97,84 @@ def _is_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd)
 
 
-def eligible_convs(
-    model: nn.Module,
-    include: LayerSelector = None,
-    exclude: LayerSelector = None,
-    *,
-    parametrized: bool = True,
-) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """The convolutions SGS acts on, by name, and the skipped ones with the reason.
+def _policy_skip(module: nn.Module, even_kernels: bool, patchify: bool) -> Skip | None:
+    """Layers where "the kernel centre" is meaningless, scaled only when asked for."""
+    kind, kernel = type(module).__name__, tuple(module.kernel_size)
+    if not even_kernels and any(k % 2 == 0 for k in kernel):
+        return Skip(
+            "with an even kernel",
+            f"{kind} has the even kernel {kernel}: SGS is defined for odd kernels (the paper and "
+            "the authors' code), an even one has no single centre; pass even_kernels=True to "
+            "scale it with the centre at index K//2",
+        )
+    stride = tuple(module.stride)
+    if not patchify and all(s >= k for k, s in zip(kernel, stride, strict=True) if k > 1):
+        return Skip(
+            "patchify/downsampling",
+            f"{kind} has stride {stride} >= kernel {kernel}: its windows do not overlap (a "
+            "patchify or downsampling conv), so no pixel has neighbours inside one window to "
+            "scale against the centre; pass patchify=True to scale it",
+        )
+    return None
 
-    Eligible: every Conv1d/Conv2d/Conv3d (or subclass, grouped and depthwise included) whose
-    kernel is larger than 1 in some dimension and whose weight is a Parameter or, if
-    ``parametrized``, a ``torch.nn.utils.parametrize`` parametrization.  ``include`` keeps only
-    matching modules (an explicitly included module that is not eligible raises); ``exclude``
-    drops matches.  A chosen lazy conv whose weight is not materialised yet raises.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+def _select(
+    model: nn.Module,
+    include: LayerSelector,
+    exclude: LayerSelector,
+    *,
+    parametrized: bool,
+    even_kernels: bool,
+    patchify: bool,
+) -> tuple[dict[str, nn.Module], dict[str, Skip]]:
     inc, exc = layer_predicate(include, "include"), layer_predicate(exclude, "exclude")
     chosen: dict[str, nn.Module] = {}
-    skipped: dict[str, str] = {}
+    skipped: dict[str, Skip] = {}
     for name, module in model.named_modules():
         if not _is_conv(module):
             continue
         wanted = inc is None or inc(name, module)
         if exc is not None and exc(name, module):
-            skipped[name] = "excluded"
+            skipped[name] = Skip("excluded", "excluded")
             continue
         kind = type(module).__name__
+        weight = getattr(module, "weight", None)
+        skip = None
         if module.transposed:
-            reason = f"{kind} is a transposed convolution: SGS is defined for Conv1d/2d/3d only"
-        elif all(k == 1 for k in module.kernel_size):
-            reason = f"{kind} has kernel {tuple(module.kernel_size)}: nothing to scale"
-        elif parametrize.is_parametrized(module, "weight"):
-            reason = (
-                ""
-                if parametrized
-                else f"{kind}'s weight is parametrized: mode='update' rescales optimizer steps of "
-                "plain Parameters only; use mode='gradient'"
+            skip = Skip(
+                "transposed",
+                f"{kind} is a transposed convolution: SGS is defined for Conv1d/2d/3d only",
             )
-        elif not isinstance(getattr(module, "weight", None), nn.Parameter):
-            reason = (
+        elif all(k == 1 for k in module.kernel_size):
+            skip = Skip(
+                "with a 1x1 kernel",
+                f"{kind} has kernel {tuple(module.kernel_size)}: nothing to scale",
+            )
+        elif parametrize.is_parametrized(module, "weight"):
+            frozen = frozen_reason(kind, _weight_parameter(module))
+            if frozen:
+                skip = Skip("frozen", frozen)
+            elif not parametrized:
+                skip = Skip(
+                    "parametrized",
+                    f"{kind}'s weight is parametrized: mode='update' rescales optimizer steps of "
+                    "plain Parameters only; use mode='gradient'",
+                )
+        elif not isinstance(weight, nn.Parameter):
+            skip = Skip(
+                "recomputed weight",
                 f"{kind}'s weight is not a Parameter (the deprecated torch.nn.utils.weight_norm "
                 "and spectral_norm recompute it each forward): use "
-                "torch.nn.utils.parametrizations.weight_norm / spectral_norm instead"
+                "torch.nn.utils.parametrizations.weight_norm / spectral_norm instead",
             )
-        else:
-            reason = ""
-        if reason:
+        elif frozen_reason(kind, weight):
+            skip = Skip("frozen", frozen_reason(kind, weight))
+        if skip is None:
+            skip = _policy_skip(module, even_kernels, patchify)
+        if skip is not None:
             if inc is not None and wanted and not callable(include):
-                raise ValueError(f"{reason} (module {name!r}, asked for by include)")
-            skipped[name] = reason
+                raise ValueError(f"{_SGS}: {skip.reason} (module {name!r}, asked for by include)")
+            skipped[name] = skip
             continue
         if wanted:
             if isinstance(module.weight, nn.parameter.UninitializedParameter):
@@ -151,6 +184,51 @@ def eligible_convs(
                 )
             chosen[name] = module
     return chosen, skipped
+
+
+def eligible_convs(
+    model: nn.Module,
+    include: LayerSelector = None,
+    exclude: LayerSelector = None,
+    *,
+    parametrized: bool = True,
+    even_kernels: bool = False,
+    patchify: bool = False,
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The convolutions SGS acts on, by name, and the skipped ones with the reason.
+
+    Eligible: every Conv1d/Conv2d/Conv3d (or subclass, grouped and depthwise included) whose
+    kernel is larger than 1 in some dimension and whose weight is a Parameter that requires a
+    gradient or, if ``parametrized``, a ``torch.nn.utils.parametrize`` parametrization of one.
+    Where "the kernel centre" means nothing, a conv is skipped unless asked for: an even
+    kernel extent (``even_kernels=True`` scales it, centre at index K//2) and windows that do
+    not overlap, stride ≥ kernel in every dimension of extent > 1 (ViT/Swin patch embeddings,
+    ConvNeXt's 2×2 stride-2 downsampling; ``patchify=True`` scales them).  A subclass that
+    overrides ``forward`` is eligible: the refresh measures what its weight is really
+    convolved with (:mod:`gradshape.refresh`).  ``include`` keeps only matching modules (a
+    module named explicitly that is not eligible raises, saying why); ``exclude`` drops matches.
+    A chosen lazy conv whose weight is not materialised yet raises.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    chosen, skipped = _select(
+        model,
+        include,
+        exclude,
+        parametrized=parametrized,
+        even_kernels=even_kernels,
+        patchify=patchify,
+    )
+    return chosen, {n: s.reason for n, s in skipped.items()}
+
+
+def _places(model: nn.Module, convs: Mapping[str, nn.Module]) -> dict[str, tuple[Any, str]]:
+    """Layer name → (parent module, attribute name), to notice a module replaced later."""
+    places: dict[str, tuple[Any, str]] = {}
+    for name in convs:
+        parent_name, _, child = name.rpartition(".")
+        places[name] = (model.get_submodule(parent_name), child) if name else (None, "")
+    return places
 
 
 def _weight_parameter(conv: nn.Module) -> nn.Parameter:
@@ -224,79 +302,6 @@ class _ParametrizationHandle:
                 return
 
 
-def _batch_input(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    if isinstance(batch, Mapping):
-        return batch
-    raise TypeError(
-        "refresh batches must be tensors, (input, target, ...) tuples, or dicts of model "
-        f"keyword arguments; got {type(batch).__name__}"
-    )
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, Mapping):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    return x
-
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Seed torch, numpy and ``random`` for a block and restore their states after it."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-class _SampledBatches:
-    """``count`` random batches of a DataLoader's dataset, re-iterable and identical each time.
-
-    Each batch is collated from randomly drawn indices under a fixed seed (augmentations drawn
-    from torch, numpy or ``random`` repeat exactly), so the two passes of a refresh see the
-    same pixels while only one batch is held in memory at a time.  Under ``torch.distributed``
-    every rank draws the same batches and keeps every ``world``-th one (rank r: batches r,
-    r + world, ...), so the all-reduced refresh measures exactly the single-process draw.
-    """
-
-    def __init__(self, loader: torch.utils.data.DataLoader, count: int, seed: int) -> None:
-        self.dataset = loader.dataset
-        self.collate = loader.collate_fn
-        size = len(self.dataset)
-        batch_size = loader.batch_size
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(size, generator=gen)
-        total = min(size, count * batch_size)
-        chunks = [order[i : i + batch_size].tolist() for i in range(0, total, batch_size)]
-        rank, world = rank_and_world()
-        if len(chunks) < world:
-            raise ValueError(
-                f"{_SGS}.maybe_refresh: {len(chunks)} refresh batches cannot be shared by "
-                f"{world} ranks; raise schedule.batches (or the dataset size) to at least {world}"
-            )
-        self.chunks = list(enumerate(chunks))[rank::world]
-        self.seed = seed
-
-    def __iter__(self):
-        for j, chunk in self.chunks:
-            with _seeded(self.seed * 1_000_003 + j):
-                yield self.collate([self.dataset[i] for i in chunk])
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-
 class SpatialGradientScaling(ParameterTransform):
     r"""Spatial Gradient Scaling (Detkov et al., "Reparameterization through Spatial Gradient
     Scaling", ICLR 2023).
@@ -337,9 +342,24 @@ class SpatialGradientScaling(ParameterTransform):
         seed: seeds the choice of refresh batches in :meth:`maybe_refresh`.
         engine: ``"auto"`` (compiled CPU kernel when numba is installed, torch otherwise and on
             GPUs), ``"compiled"`` or ``"torch"``.
+        even_kernels: also scale convs with an even kernel extent (centre at index K//2).
+        patchify: also scale convs whose stride is at least the kernel in every dimension
+            (non-overlapping windows: patch embeddings, 2×2 stride-2 downsampling).
+        cache_bytes: memory a refresh may use to keep the layers' inputs from its first
+            forward pass for the second pass of NMI (``None``: a quarter of the memory
+            available when it starts; ``0``: always run the model twice).  See
+            :mod:`gradshape.refresh`.
 
     Layers (see :func:`eligible_convs`; :attr:`skipped` gives the reason for each conv left
-    out): a weight under ``torch.nn.utils.parametrize`` (e.g.
+    out): frozen weights (``requires_grad=False``) are skipped, and so, unless asked for by
+    ``even_kernels``/``patchify``, are convs without a meaningful centre.  G is measured on
+    what each convolution operation really convolves (:mod:`gradshape.refresh`): padding done
+    in a subclass's own ``forward``, a weight passed straight to ``F.conv1d``, a weight
+    transformed before the convolution are all seen.  A selected conv that no refresh forward
+    reaches keeps its G (a warning names it; :attr:`unmeasured` says why).  Parameters
+    replaced after attaching (``load_state_dict(assign=True)``) are followed, with a warning
+    (see :meth:`~gradshape.transform.ParameterTransform.sync_parameters`).  A weight under
+    ``torch.nn.utils.parametrize`` (e.g.
     ``torch.nn.utils.parametrizations.weight_norm`` or ``orthogonal``) is supported in
     ``mode="gradient"``: a state-free identity parametrization appended last multiplies the
     gradient of the effective weight by G, which then flows back through the user's
@@ -381,6 +401,9 @@ class SpatialGradientScaling(ParameterTransform):
         floor: float = DEFAULT_FLOOR,
         seed: int = 0,
         engine: str = "auto",
+        even_kernels: bool = False,
+        patchify: bool = False,
+        cache_bytes: int | None = None,
     ) -> None:
         _check_k(k)
         if measure not in MEASURES:
@@ -402,21 +425,35 @@ class SpatialGradientScaling(ParameterTransform):
             raise TypeError("SpatialGradientScaling: schedule must be a RefreshSchedule")
         if not isinstance(model, nn.Module):
             raise TypeError(f"{_SGS}: model must be a torch.nn.Module, got {type(model).__name__}")
+        if cache_bytes is not None and (
+            isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0
+        ):
+            raise ValueError(
+                f"{_SGS}: cache_bytes must be None or an int >= 0, not {cache_bytes!r}"
+            )
+        for label, flag in (("even_kernels", even_kernels), ("patchify", patchify)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{_SGS}: {label} must be a bool, got {type(flag).__name__}")
         self._forward_model = unwrap_model(model)
-        convs, skipped = eligible_convs(
-            self._forward_model, include, exclude, parametrized=mode == "gradient"
+        convs, skipped = _select(
+            self._forward_model,
+            include,
+            exclude,
+            parametrized=mode == "gradient",
+            even_kernels=even_kernels,
+            patchify=patchify,
         )
         if not convs:
+            total = sum(_is_conv(m) for m in self._forward_model.modules())
             raise ValueError(
-                f"SpatialGradientScaling: {type(model).__name__} has no Conv1d/Conv2d/Conv3d with "
-                "a kernel larger than 1 to scale"
-                + (f" (skipped: {dict(list(skipped.items())[:5])})" if skipped else "")
-                + (f" (include={include!r} selects none)" if include is not None else "")
+                no_layer_message(_SGS, model, total, "convolution", skipped, include)
+                + ("" if total else " (SGS scales Conv1d/Conv2d/Conv3d weights)")
             )
         self._check_shared_weights(convs)
         self.model = model
         self.modules: dict[str, nn.Module] = convs
-        self.skipped: dict[str, str] = skipped
+        self.skipped: dict[str, str] = {n: s.reason for n, s in skipped.items()}
+        self.unmeasured: dict[str, str] = {}
         self.k = float(k)
         self.measure = measure
         self.diag_removal = bool(diag_removal)
@@ -424,18 +461,24 @@ class SpatialGradientScaling(ParameterTransform):
         self.floor = float(floor)
         self.seed = int(seed)
         self.engine = engine
-        self._geometry = {n: PairGeometry.from_conv(m) for n, m in convs.items()}
+        self.cache_bytes = cache_bytes
+        self._places = _places(self._forward_model, convs)
         self._scalings: dict[str, torch.Tensor] = {
             n: torch.ones(m.kernel_size, dtype=torch.float32) for n, m in convs.items()
         }
         self._pinned: set[str] = set()
         self._device_cache: dict[str, torch.Tensor] = {}
+        self._full_cache: dict[str, torch.Tensor] = {}
         self._scalers: dict[str, _GradientScaling] = {}
+        self._gone: set[str] = set()
         self.refresh_count = 0
         self.last_refresh_epoch: int | None = None
         self.history: list[tuple[int | None, dict[str, torch.Tensor]]] = []
         super().__init__(
-            {n: _weight_parameter(m) for n, m in convs.items()}, mode=mode, optimizer=optimizer
+            {n: _weight_parameter(m) for n, m in convs.items()},
+            mode=mode,
+            optimizer=optimizer,
+            watch=self._forward_model,
         )
 
     @staticmethod
@@ -470,6 +513,43 @@ class SpatialGradientScaling(ParameterTransform):
     def _detach(self) -> None:
         super()._detach()
         self._scalers.clear()
+        self._full_cache.clear()
+
+    def _current_parameter(self, name: str) -> nn.Parameter:
+        return _weight_parameter(self.modules[name])
+
+    def sync_parameters(self) -> list[str]:
+        gone = [n for n in self.modules if n not in self._gone and not self._in_model(n)]
+        if gone:
+            self._gone.update(gone)
+            warnings.warn(
+                f"{_SGS}: the modules {gone[:5]} were replaced in the model after attaching, so "
+                "their new weights are not scaled; remove() this SpatialGradientScaling and "
+                "attach a new one to the changed model",
+                UserWarning,
+                stacklevel=3,
+            )
+        return super().sync_parameters()
+
+    def _in_model(self, name: str) -> bool:
+        parent, child = self._places[name]
+        return parent is None or parent._modules.get(child) is self.modules[name]
+
+    @torch.no_grad()
+    def _transform_steps(self, names: list[str], old: list[torch.Tensor]) -> None:
+        """``w ← w_old + G ⊙ (w − w_old)`` for all layers at once (``foreach`` kernels)."""
+        params = [self._params[n] for n in names]
+        torch._foreach_sub_(params, old)
+        torch._foreach_mul_(params, [self._full_scaling(n, self._params[n]) for n in names])
+        torch._foreach_add_(params, old)
+
+    def _full_scaling(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """G expanded to ``like``'s (the weight's) shape, device and dtype; cached."""
+        g = self._full_cache.get(name)
+        if g is None or g.device != like.device or g.dtype != like.dtype or g.shape != like.shape:
+            g = _broadcast_scaling(self._scalings[name], like).expand_as(like).contiguous()
+            self._full_cache[name] = g
+        return g
 
     # ---- scalings -----------------------------------------------------------------------
     @property
@@ -531,6 +611,7 @@ class SpatialGradientScaling(ParameterTransform):
         dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
         self._scalings[name] = g.to(dtype)
         self._device_cache.pop(name, None)
+        self._full_cache.pop(name, None)
         scaler = self._scalers.get(name)
         if scaler is not None:
             scaler.scaling = self._scalings[name].to(scaler.scaling.device)
@@ -539,15 +620,29 @@ class SpatialGradientScaling(ParameterTransform):
     def refresh(
         self, batches: Iterable[Any], *, epoch: int | None = None
     ) -> SpatialGradientScaling:
-        """Recompute every (non-pinned) layer's G from the inputs it sees on ``batches``.
+        """Recompute every (non-pinned) layer's G from what it convolves on ``batches``.
 
         ``batches`` yields input tensors, ``(input, target, ...)`` tuples (the first item is
-        fed to the model) or dicts of keyword arguments.  The model runs in eval mode under
-        ``torch.no_grad()`` and every module's training flag is restored afterwards.  NMI needs
-        two passes over the same batches: a list or tuple is iterated twice; any other
-        iterable (a generator, a shuffling DataLoader) is first collected into a list.  Only
-        one batch at a time is on the model's device.  Under ``torch.distributed`` all ranks
-        must call this together (see :mod:`gradshape.distributed`).  Returns ``self``.
+        fed to the model) or dicts of keyword arguments (an ``attention_mask``/
+        ``padding_mask`` entry marks padded steps of sequences: see
+        :mod:`gradshape.refresh`).  The model runs in eval mode under ``torch.no_grad()``
+        and every module's training flag is restored afterwards; each layer is measured on
+        the tensors its weight is convolved with, with the padding actually applied.  NMI
+        needs two passes over the same pairs: the first forward's inputs are kept for the
+        second up to ``cache_bytes``, otherwise the model runs twice, so a list or tuple is
+        iterated twice and any other iterable (a generator, a shuffling DataLoader) is first
+        collected into a list.  Only one batch at a time is on the model's device.
+
+        A layer that no convolution reached (a branch run only in training, a kernel that
+        bypasses ``F.conv*``) keeps its G; :attr:`unmeasured` says why and a
+        ``RuntimeWarning`` names it.  Taps that only ever multiply padding hold G = 1 and take
+        no part in the normalisation (see :func:`gradshape.dependence_to_scaling`).  Under
+        ``torch.distributed`` all ranks must call this together (see
+        :mod:`gradshape.distributed`).  Returns ``self``.
+
+        Raises:
+            RuntimeError: a scaled module was replaced in the model after attaching.
+            ValueError: the batches are empty, or a layer's input holds NaN or inf.
         """
         if epoch is not None:
             _check_epoch(epoch, f"{_SGS}.refresh")
@@ -558,64 +653,61 @@ class SpatialGradientScaling(ParameterTransform):
                 f"{_SGS}.refresh: batches must be an iterable of batches (a list, a DataLoader), "
                 f"got {type(batches).__name__}"
             )
-        passes = 2 if self.measure == "nmi" else 1
-        if passes > 1 and not isinstance(batches, (Sequence, _SampledBatches)):
+        gone = [n for n in self.modules if not self._in_model(n)]
+        if gone:
+            raise RuntimeError(
+                f"{_SGS}.refresh: the modules {gone[:5]} were replaced in the model after "
+                "attaching; remove() this SpatialGradientScaling and attach a new one"
+            )
+        self.sync_parameters()
+        if self.measure == "nmi" and not isinstance(batches, (Sequence, SampledBatches)):
             batches = list(batches)
-        targets = [n for n in self._scalings if n not in self._pinned]
+        targets = {n: self.modules[n] for n in self._scalings if n not in self._pinned}
         check_same_on_all_ranks(
-            repr([(n, tuple(self.modules[n].kernel_size)) for n in targets]) + self.measure,
+            repr([(n, tuple(m.kernel_size)) for n, m in targets.items()]) + self.measure,
             "the layers to refresh",
         )
         if not targets:
             return self
-        accumulators = {
-            n: make_accumulator(
-                self.measure,
-                self._geometry[n],
-                diag_removal=self.diag_removal,
-                layer=n,
-                engine=self.engine,
-            )
-            for n in targets
-        }
-        device = _model_device(self._forward_model)
-        seen_batch = False
-        with _eval_mode(self._forward_model), torch.no_grad():
-            handles = [
-                self.modules[n].register_forward_pre_hook(_observer(accumulators[n]))
-                for n in targets
-            ]
-            try:
-                for _ in range(passes):
-                    # Local errors are agreed on before the accumulators' all-reduces.
-                    with fail_together(f"{_SGS}.refresh"):
-                        for batch in batches:
-                            seen_batch = True
-                            inputs = _to_device(_batch_input(batch), device)
-                            if isinstance(inputs, Mapping):
-                                self._forward_model(**inputs)
-                            else:
-                                self._forward_model(inputs)
-                        if not seen_batch:
-                            raise ValueError(f"{_SGS}.refresh: the batch iterable is empty")
-                        unreached = [n for n, a in accumulators.items() if a.channels is None]
-                        if unreached:
-                            raise ValueError(
-                                f"{_SGS}.refresh: no input reached {unreached[:5]} (does the "
-                                "model's forward call them?)"
-                            )
-                    for acc in accumulators.values():
-                        acc.end_pass()
-            finally:
-                for h in handles:
-                    h.remove()
-        for n, acc in accumulators.items():
-            g = dependence_to_scaling(acc.result(), self.k, floor=self.floor, layer=n)
+        found = measure_layers(
+            self._forward_model,
+            targets,
+            batches,
+            make_accumulator_factory(
+                self.measure, diag_removal=self.diag_removal, engine=self.engine
+            ),
+            cache_bytes=self.cache_bytes,
+            where=f"{_SGS}.refresh",
+        )
+        for n, (dependence, live) in found.dependence.items():
+            g = dependence_to_scaling(dependence, self.k, floor=self.floor, layer=n, live=live)
             self._store(n, g.float())
+        self.unmeasured = found.unmeasured
+        self._warn(found)
         self.refresh_count += 1
         self.last_refresh_epoch = epoch
         self.history.append((epoch, self.scalings))
         return self
+
+    def _warn(self, found: Measurement) -> None:
+        if found.unmeasured:
+            listing = "; ".join(f"{n!r}: {why}" for n, why in list(found.unmeasured.items())[:5])
+            warnings.warn(
+                f"{_SGS}.refresh measured {len(found.dependence)} of "
+                f"{len(found.dependence) + len(found.unmeasured)} layers; these keep their "
+                f"current G: {listing}.  If a layer is not meant to be scaled, pass "
+                "exclude=[...] (or include=[...]) when attaching",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if found.unmasked:
+            listing = "; ".join(f"{n!r}: {why}" for n, why in list(found.unmasked.items())[:5])
+            warnings.warn(
+                f"{_SGS}.refresh measured {len(found.unmasked)} layer(s) without the batch's "
+                f"padding mask (padded steps count as signal there): {listing}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def maybe_refresh(self, epoch: int, loader: Iterable[Any]) -> bool:
         """Refresh at the start of ``epoch`` if :attr:`schedule` says so; returns whether it did.
@@ -635,7 +727,7 @@ class SpatialGradientScaling(ParameterTransform):
         if not self.schedule.due(epoch) or self.last_refresh_epoch == epoch:
             return False
         if isinstance(loader, torch.utils.data.DataLoader) and loader.batch_size is not None:
-            batches = _SampledBatches(loader, self.schedule.batches, self.seed + self.refresh_count)
+            batches = SampledBatches(loader, self.schedule.batches, self.seed + self.refresh_count)
         else:
             batches = []
             for i, b in enumerate(loader):
@@ -755,29 +847,3 @@ class SpatialGradientScaling(ParameterTransform):
             f"{_SGS}(layers={len(self._scalings)}, k={self.k}, measure={self.measure!r}, "
             f"mode={self.mode!r}, refreshes={self.refresh_count})"
         )
-
-
-def _observer(acc):
-    def hook(_module, args):
-        if not args:
-            raise ValueError(f"{acc.layer!r} was called without a positional input")
-        acc.observe(args[0])
-
-    return hook
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training

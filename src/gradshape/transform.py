@@ -27,6 +27,7 @@ Attaching never changes a module's class, its ``state_dict`` keys or its Paramet
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -84,6 +85,7 @@ class ParameterTransform(GradientTransform):
         *,
         mode: str = "gradient",
         optimizer: torch.optim.Optimizer | None = None,
+        watch: nn.Module | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(
@@ -107,8 +109,7 @@ class ParameterTransform(GradientTransform):
         if not params:
             raise ValueError(f"{type(self).__name__}: no parameters to transform")
         if mode == "update":
-            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            missing = [n for n, p in params.items() if id(p) not in owned]
+            missing = [n for n, p in params.items() if not _holds(optimizer, p)]
             if missing:
                 raise ValueError(
                     f"{type(self).__name__}: the optimizer does not hold the weights of "
@@ -117,7 +118,9 @@ class ParameterTransform(GradientTransform):
         self.mode = mode
         self.optimizer = optimizer
         self._params: dict[str, nn.Parameter] = dict(params)
+        self._watch = watch
         self._handles: list[RemovableHandle] = []
+        self._param_handles: dict[str, RemovableHandle] = {}
         self._snapshot: dict[str, torch.Tensor] = {}
         self._attached = False
         self._attach()
@@ -138,6 +141,7 @@ class ParameterTransform(GradientTransform):
         return self._attached
 
     def _attach(self) -> None:
+        """Register every hook, or none: on any error the model is left as it was."""
         for name, p in self._params.items():
             clash = [t for t in _LIVE.get(id(p), []) if type(t) is type(self) and t is not self]
             if clash:
@@ -145,20 +149,29 @@ class ParameterTransform(GradientTransform):
                     f"{type(self).__name__}: the weight of {name!r} already has a "
                     f"{type(self).__name__} attached; call remove() on that one first"
                 )
-        for p in self._params.values():
-            _LIVE.setdefault(id(p), []).append(self)
-        if self.mode == "gradient":
-            for name, p in self._params.items():
-                self._handles.append(self._hook_gradient(name, p))
-        else:
-            self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
-            self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
+        try:
+            for p in self._params.values():
+                _LIVE.setdefault(id(p), []).append(self)
+            if self.mode == "gradient":
+                for name, p in self._params.items():
+                    self._param_handles[name] = self._hook_gradient(name, p)
+                if self._watch is not None:
+                    self._handles.append(
+                        self._watch.register_forward_pre_hook(self._before_forward)
+                    )
+            else:
+                self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
+                self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
+        except BaseException:
+            self._detach()
+            raise
         self._attached = True
 
     def _detach(self) -> None:
-        for h in self._handles:
+        for h in [*self._handles, *self._param_handles.values()]:
             h.remove()
         self._handles.clear()
+        self._param_handles.clear()
         self._snapshot.clear()
         for p in self._params.values():
             live = _LIVE.get(id(p), [])
@@ -186,17 +199,89 @@ class ParameterTransform(GradientTransform):
 
         return hook
 
+    # -- replaced parameters --------------------------------------------------------------
+    def _current_parameter(self, name: str) -> nn.Parameter:
+        """The Parameter ``name`` refers to now (subclasses look it up on the module)."""
+        return self._params[name]
+
+    def sync_parameters(self) -> list[str]:
+        """Follow parameters that were replaced since attaching; returns their names.
+
+        ``model.load_state_dict(sd, assign=True)``, ``module.weight = nn.Parameter(...)`` or a
+        framework swapping tensors leaves the hooks on Parameters the model no longer uses.
+        This moves each hook to the module's current weight and warns once, naming the layer.
+        It runs by itself before every forward of the watched model (mode ``"gradient"``) and
+        before every optimizer step (mode ``"update"``, where the optimizer must hold the new
+        Parameter, else ``RuntimeError``).
+        """
+        replaced = []
+        for name, old in list(self._params.items()):
+            new = self._current_parameter(name)
+            if new is old:
+                continue
+            if self.mode == "update" and not _holds(self.optimizer, new):
+                raise RuntimeError(
+                    f"{type(self).__name__}: the weight of {name!r} was replaced and the "
+                    "optimizer does not hold the new Parameter, so neither the optimizer nor "
+                    "this transform would act on it: build the optimizer (and the transform) "
+                    "again after replacing parameters"
+                )
+            self._rebind(name, old, new)
+            replaced.append(name)
+        if replaced:
+            warnings.warn(
+                f"{type(self).__name__}: the weights of {replaced[:5]} were replaced after "
+                "attaching (e.g. load_state_dict(assign=True)); the transform now acts on the "
+                "new Parameters",
+                UserWarning,
+                stacklevel=3,
+            )
+        return replaced
+
+    def _rebind(self, name: str, old: nn.Parameter, new: nn.Parameter) -> None:
+        live = _LIVE.get(id(old), [])
+        if self in live:
+            live.remove(self)
+        if not live:
+            _LIVE.pop(id(old), None)
+        _LIVE.setdefault(id(new), []).append(self)
+        self._params[name] = new
+        self._snapshot.pop(name, None)
+        if self.mode == "gradient":
+            self._param_handles.pop(name).remove()
+            self._param_handles[name] = self._hook_gradient(name, new)
+
+    def _before_forward(self, _module: nn.Module, _args: Any) -> None:
+        self.sync_parameters()
+
+    # -- update mode ----------------------------------------------------------------------
+    @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
-        self._snapshot = {n: p.detach().clone() for n, p in self._params.items()}
+        self.sync_parameters()
+        names = list(self._params)
+        for n in names:
+            buffer = self._snapshot.get(n)
+            p = self._params[n]
+            if buffer is None or buffer.shape != p.shape or buffer.device != p.device:
+                self._snapshot[n] = torch.empty_like(p, memory_format=torch.preserve_format)
+            elif buffer.dtype != p.dtype:
+                self._snapshot[n] = buffer.to(p.dtype)
+        torch._foreach_copy_([self._snapshot[n] for n in names], list(self._params.values()))
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
-        for name, p in self._params.items():
-            old = self._snapshot.get(name)
-            if old is None:
-                continue
-            p.copy_(old + self.apply(name, p - old))
-        self._snapshot = {}
+        """``w ← w_old + apply(w − w_old)`` for every parameter the step changed."""
+        self._transform_steps(list(self._params), [self._snapshot[n] for n in self._params])
+
+    def _transform_steps(self, names: list[str], old: list[torch.Tensor]) -> None:
+        """Replace each parameter's step by :meth:`apply` of it (subclasses may batch this)."""
+        for name, before in zip(names, old, strict=True):
+            p = self._params[name]
+            p.copy_(before + self.apply(name, p - before))
+
+
+def _holds(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
+    return any(q is param for group in optimizer.param_groups for q in group["params"])
 
 
 # id(param) -> transforms attached to it, in attachment order.  An entry holds the transform,

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..selection import forward_override
 from .fusion import (
     KernelBias,
     add_branches,
@@ -89,7 +90,13 @@ def _fold(kernel: torch.Tensor, bias: torch.Tensor, bn: nn.Module | None) -> Ker
 
 
 def conversion_obstacle(conv: nn.Module) -> str:
-    """Why ``conv`` cannot become a block (an empty string when it can)."""
+    """Why ``conv`` cannot become a block (an empty string when it can).
+
+    A ``Conv2d`` subclass converts when it computes torch's own convolution of its weight
+    (it overrides neither ``forward`` nor ``_conv_forward``, e.g. one that only adds a
+    constructor); one that overrides them is refused with the reason of
+    :func:`gradshape.selection.forward_override`, the rule SGS applies too.
+    """
     kind = type(conv).__name__
     if not isinstance(conv, nn.modules.conv._ConvNd):
         return f"{kind} is not a convolution"
@@ -99,8 +106,14 @@ def conversion_obstacle(conv: nn.Module) -> str:
         return f"{kind} is not 2-D: the blocks are defined for Conv2d only"
     if isinstance(conv.weight, nn.parameter.UninitializedParameter):
         return f"{kind} is lazy and not materialised yet: run one forward pass first"
-    if type(conv) is not nn.Conv2d:
-        return f"{kind} subclasses Conv2d and may change its forward: only plain Conv2d converts"
+    override = forward_override(conv)
+    if override:
+        return override
+    if not conv.weight.requires_grad:
+        return (
+            f"{kind}'s weight is frozen (requires_grad=False): a block in its place would train "
+            "new branches; unfreeze it first to convert it"
+        )
     if any(k % 2 == 0 for k in conv.kernel_size):
         return f"kernel {tuple(conv.kernel_size)} has an even size: no centre to align branches on"
     if all(k == 1 for k in conv.kernel_size):
@@ -305,6 +318,13 @@ class ReparamBlock(nn.Module):
     A freshly constructed block has PyTorch's default initialisation in every branch (BatchNorm
     γ = 1, β = 0), as the papers train it.  :meth:`from_conv` builds one that starts out equal to
     a given conv.
+
+    Code that inspects the conv a block replaced (e.g. a layer that pads its input from
+    ``self.conv.kernel_size``, ``stride`` and ``dilation``) finds what it would on that conv:
+    ``in_channels``, ``out_channels``, ``groups``, ``padding_mode`` and the pairs
+    ``kernel_size``, ``stride``, ``padding`` (a conv's ``"same"``/``"valid"`` become the pair
+    they mean) and ``dilation = (1, 1)``, plus the read-only :attr:`weight` and :attr:`bias` of
+    the equivalent conv.  The attribute ``bn`` is the BatchNorm placement, not a module.
     """
 
     kind: ClassVar[str]
@@ -351,6 +371,7 @@ class ReparamBlock(nn.Module):
             raise ValueError(f"{where}: bn must be one of {BN_MODES}, got {bn!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel, stride, padding
+        self.dilation: Pair = (1, 1)
         self.groups, self.padding_mode, self.bn = groups, padding_mode, bn
         self.eps, self.momentum = eps, momentum
         self.dense = self._branch(kernel, bias=bias)
@@ -458,6 +479,31 @@ class ReparamBlock(nn.Module):
         """The ``(kernel, bias)`` of the one conv this block equals in eval mode, shapes
         ``(out, in/groups, KH, KW)`` and ``(out,)``; differentiable in the block's parameters."""
         return add_branches([b.kernel_bias() for b in self._fusable_branches()])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The kernel ``(out, in/groups, KH, KW)`` of the one conv this block equals in eval mode:
+        :meth:`get_equivalent_kernel_bias`'s, detached, on the block's device and dtype (the
+        weight :func:`~gradshape.reparam.fuse` deploys).  With ``bn="per_branch"`` the block
+        has absorbed the BatchNorm that followed the conv, so this is the conv with that
+        BatchNorm folded in (running statistics), not the conv alone.
+
+        Read-only and recomputed on each access: it is not a Parameter (train the branches'),
+        not in ``state_dict()`` and carries no gradient.
+        """
+        return self._equivalent()[0]
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """The bias ``(out,)`` of the equivalent conv (see :attr:`weight`); a tensor (zeros
+        where nothing adds one) even when the replaced conv had no bias, as :meth:`fused`
+        builds its conv with a bias."""
+        return self._equivalent()[1]
+
+    def _equivalent(self) -> KernelBias:
+        with torch.no_grad():
+            kernel, bias = self.get_equivalent_kernel_bias()
+        return kernel.detach(), bias.detach()
 
     def _fusable_branches(self) -> list[nn.Module]:
         return [m for m in self.children() if isinstance(m, (ConvBranch, PointwiseBranch))]

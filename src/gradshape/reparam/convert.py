@@ -8,10 +8,9 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -56,48 +55,157 @@ class Conversion(NamedTuple):
 def following_batchnorms(model: nn.Module) -> dict[str, str]:
     """Conv name → name of the ``nn.BatchNorm2d`` that directly follows it.
 
-    "Directly follows" means: in the ``torch.fx`` graph of ``model``, the conv's output feeds
-    that BatchNorm and nothing else, and each of the two modules is called exactly once (so
-    ``self.bn1(self.conv1(x))`` in a ResNet block counts).  Where the model cannot be traced
-    symbolically (data-dependent control flow), the rule falls back to adjacent children of
-    an ``nn.Sequential``: a Conv2d whose next sibling is a BatchNorm2d.
+    "Directly follows" means: in the ``torch.fx`` graph of the smallest module enclosing the
+    conv that decides it, each call of the conv feeds that BatchNorm and nothing else, and the
+    BatchNorm is called on nothing else (so ``self.bn1(self.conv1(x))`` in a ResNet block
+    counts; both are called once there).  The search starts at the conv's parent and moves up
+    one module at a time while the conv is not called in the module traced or its output
+    leaves it (it is what the module returns), so a model whose own ``forward`` cannot be
+    traced (data-dependent control flow, as in most ``transformers`` models) still pairs the
+    convs inside its traceable submodules.  Every enclosing module above that can be traced
+    must agree (no call of the conv elsewhere that the BatchNorm does not follow); the
+    search stops at the first one that cannot be traced.  Inside a traced module, a child that
+    cannot be traced is kept as one opaque call.
+
+    Convs for which this cannot be known (an enclosing module on the way up cannot be traced,
+    or the output goes into a module that cannot) are left out, as are convs no BatchNorm2d
+    directly follows; :func:`convert` reports which is which.
     """
-    modules = dict(model.named_modules())
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # fx raises many kinds of errors on untraceable Python; fall back
-        return _sequential_pairs(model)
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    finder = _BatchNormFinder(model)
     pairs = {}
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d):
-            continue
-        if len(node.users) != 1:
-            continue
-        (user,) = node.users
-        if (
-            user.op == "call_module"
-            and isinstance(modules.get(user.target), nn.BatchNorm2d)
-            and user.args == (node,)
-            and not user.kwargs
-            and calls[node.target] == 1
-            and calls[user.target] == 1
-        ):
-            pairs[node.target] = user.target
+    for name, module in finder.modules.items():
+        if isinstance(module, nn.Conv2d):
+            bn_name, _ = finder.follower(name)
+            if bn_name is not None:
+                pairs[name] = bn_name
     return pairs
 
 
-def _sequential_pairs(model: nn.Module) -> dict[str, str]:
-    pairs = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Sequential):
-            continue
-        children = list(module.named_children())
-        for (a, first), (b, second) in itertools.pairwise(children):
-            if isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d):
-                prefix = f"{name}." if name else ""
-                pairs[prefix + a] = prefix + b
-    return pairs
+class _Tracer(torch.fx.Tracer):
+    """Keeps every Conv2d and BatchNorm2d (subclasses too) as one call node, and the modules
+    whose ids are in ``opaque`` (found untraceable) as calls it does not look into."""
+
+    def __init__(self, opaque: Container[int]) -> None:
+        super().__init__()
+        self.opaque = opaque
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (
+            isinstance(m, (nn.Conv2d, nn.BatchNorm2d))
+            or id(m) in self.opaque
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+
+def _short_error(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+_UNKNOWN = "cannot tell whether a BatchNorm2d follows it: "
+_AFTER_SUM = "; use bn='after_sum' to convert it without absorbing a BatchNorm"
+
+
+class _BatchNormFinder:
+    """Traces a model's modules on demand, bottom-up, each once (see following_batchnorms)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = dict(model.named_modules())
+        self._traces: dict[str, torch.fx.Graph | str | None] = {}
+        self._calls: dict[str, dict[int, list[torch.fx.Node]]] = {}  # name → id → call nodes
+        self._opaque: dict[int, tuple[str, str]] = {}  # id → (name, why fx cannot trace it)
+
+    def _trace(self, name: str) -> torch.fx.Graph | str | None:
+        """The fx graph of module ``name``, why it cannot be traced, or None for a container
+        without ``forward`` (ModuleList, ModuleDict).  Its descendants are traced first, so
+        that the untraceable ones become opaque calls."""
+        if name in self._traces:
+            return self._traces[name]
+        module = self.modules[name]
+        probe = _Tracer(self._opaque)
+        prefix = f"{name}." if name else ""
+        for child_name, child in module.named_children():
+            full = prefix + child_name
+            container = type(child).forward is nn.Module.forward
+            if full in self.modules and (container or not probe.is_leaf_module(child, full)):
+                reason = self._trace(full)
+                if isinstance(reason, str):
+                    self._opaque[id(child)] = (full, reason)
+        if type(module).forward is nn.Module.forward:
+            result: torch.fx.Graph | str | None = None
+        else:
+            try:
+                result = _Tracer(self._opaque).trace(module)
+            except Exception as err:  # fx raises many kinds of errors on untraceable Python
+                result = _short_error(err)
+        self._traces[name] = result
+        return result
+
+    def _calls_of(self, name: str, graph: torch.fx.Graph, module: nn.Module) -> list[torch.fx.Node]:
+        """The call nodes of ``module`` in the graph of module ``name``."""
+        if name not in self._calls:
+            root, index = self.modules[name], {}
+            for node in graph.nodes:
+                if node.op == "call_module":
+                    index.setdefault(id(root.get_submodule(node.target)), []).append(node)
+            self._calls[name] = index
+        return self._calls[name].get(id(module), [])
+
+    def follower(self, conv_name: str) -> tuple[str | None, str]:
+        """``(bn_name, "")`` when a BatchNorm2d directly follows the conv, ``(None, "")`` when
+        none does, ``(None, reason)`` when it cannot be known."""
+        conv = self.modules[conv_name]
+        parts = conv_name.split(".") if conv_name else []
+        found: tuple[str, nn.Module] | None = None
+        for depth in range(len(parts) - 1, -1, -1):
+            name = ".".join(parts[:depth])
+            graph = self._trace(name)
+            if graph is None:
+                continue
+            where = repr(name) if name else "the model itself"
+            if isinstance(graph, str):
+                if found is not None:  # decided below; the modules above cannot be checked
+                    break
+                return None, f"{_UNKNOWN}torch.fx cannot trace {where} ({graph}){_AFTER_SUM}"
+            module = self.modules[name]
+            nodes = self._calls_of(name, graph, conv)
+            if found is not None:  # every module above that can be traced must agree
+                if not _feeds_only(nodes, self._calls_of(name, graph, found[1])):
+                    return None, ""
+                continue
+            if not nodes:
+                continue  # not called here: maybe by a module further up
+            users = [list(n.users) for n in nodes]
+            if len(nodes) == 1 and len(users[0]) == 1 and users[0][0].op == "output":
+                continue  # the module returns it: what follows is decided further up
+            if len(users[0]) != 1 or users[0][0].op != "call_module":
+                return None, ""
+            target = module.get_submodule(users[0][0].target)
+            if id(target) in self._opaque:
+                opaque, why = self._opaque[id(target)]
+                return None, (
+                    f"{_UNKNOWN}its output goes into {opaque!r}, which torch.fx cannot trace "
+                    f"({why}){_AFTER_SUM}"
+                )
+            if not isinstance(target, nn.BatchNorm2d) or not _feeds_only(
+                nodes, self._calls_of(name, graph, target)
+            ):
+                return None, ""
+            found = ((f"{name}." if name else "") + users[0][0].target, target)
+        return (found[0], "") if found is not None else (None, "")
+
+
+def _feeds_only(convs: list[torch.fx.Node], bns: list[torch.fx.Node]) -> bool:
+    """Whether each call of a conv (``convs``, nodes of one graph) feeds one call of a
+    BatchNorm (``bns``) and nothing else, and the BatchNorm is called on nothing else."""
+    if len(convs) != len(bns):
+        return False
+    for conv in convs:
+        users = list(conv.users)
+        if len(users) != 1 or users[0] not in bns or users[0].args != (conv,) or users[0].kwargs:
+            return False
+    return True
 
 
 def _batchnorm_obstacle(conv: nn.Conv2d, bn: nn.Module | None) -> str:
@@ -105,6 +213,11 @@ def _batchnorm_obstacle(conv: nn.Conv2d, bn: nn.Module | None) -> str:
         return (
             "no BatchNorm2d directly follows it, so bn='per_branch' would add normalisation the "
             "model does not have: use bn='after_sum'"
+        )
+    if type(bn).forward is not nn.BatchNorm2d.forward:
+        return (
+            f"the BatchNorm2d after it ({type(bn).__name__}) overrides forward, so folding its "
+            "running statistics may not reproduce it: use bn='after_sum'"
         )
     if bn.running_mean is None:
         return "the BatchNorm2d after it has track_running_stats=False: it cannot be fused"
@@ -134,8 +247,10 @@ def convert(
         bn: ``"per_branch"`` (the papers' form): the block absorbs the ``nn.BatchNorm2d`` that
             directly follows the conv (see :func:`following_batchnorms`; its old place becomes
             ``nn.Identity``), and each branch ends in its own BatchNorm; a conv with no such
-            BatchNorm is skipped.  ``"after_sum"`` (Lemma 1's form): the branches are plain
-            convs and any BatchNorm after the conv stays, now after the sum.
+            BatchNorm, or where torch.fx cannot tell (the reason says which module it cannot
+            trace), is skipped.  ``"after_sum"`` (Lemma 1's form): the branches are plain
+            convs and any BatchNorm after the conv stays, now after the sum; it needs no
+            tracing.
         init: ``"preserve"`` (the converted model computes what the original did; see
             :meth:`ReparamBlock.from_conv`) or ``"fresh"`` (default initialisation, as the
             papers train from scratch).
@@ -145,10 +260,14 @@ def convert(
     Returns:
         ``Conversion(model, converted, skipped)``: the converted model, the names of the
         converted convs, and ``(name, reason)`` for every conv left as it was.  Skipped for a
-        reason (also issued as one ``UserWarning``): transposed, 1-D/3-D, lazy or subclassed
-        convs, even kernels, 1×1 kernels, dilation != 1, parametrized weights, a module shared
-        under several names, convs already inside a block, and (per branch) convs without a
-        foldable BatchNorm after them.  ``exclude``d convs are listed without a warning.
+        reason (also issued as one ``UserWarning``): transposed, 1-D/3-D or lazy convs, conv
+        subclasses that override ``forward`` or ``_conv_forward``
+        (:func:`gradshape.selection.forward_override`; a subclass that only adds a
+        constructor converts), frozen weights (``requires_grad=False``: the block's new
+        branches would train), even kernels, 1×1 kernels, dilation != 1, parametrized
+        weights, a module shared under several names, convs already inside a block, and (per
+        branch) convs without a foldable BatchNorm after them or where that cannot be known.
+        ``exclude``d convs are listed without a warning.
 
     Any odd kernel (also non-square), stride, padding ``>= 0``, padding mode, groups
     (depthwise included) and bias are converted exactly; :func:`fuse` folds the result back.
@@ -173,7 +292,7 @@ def convert(
         raise ValueError(f"convert: init must be one of {INITS}, got {init!r}")
     inc, exc = layer_predicate(include, "include"), layer_predicate(exclude, "exclude")
     work = model if inplace else copy.deepcopy(model)
-    pairs = following_batchnorms(work) if bn == "per_branch" else {}
+    finder = _BatchNormFinder(work) if bn == "per_branch" else None
     modules = dict(work.named_modules())
     uses = Counter(id(m) for _, m in work.named_modules(remove_duplicate=False))
     blocks = [n for n, m in modules.items() if isinstance(m, ReparamBlock)]
@@ -188,15 +307,16 @@ def convert(
         if exc is not None and exc(name, module):
             skipped.append((name, "excluded"))
             continue
-        bn_name = pairs.get(name)
+        bn_name = None
         if any(name.startswith(f"{b}.") for b in blocks):
             reason = "already inside a reparameterization block"
         else:
             reason = conversion_obstacle(module)
         if not reason and uses[id(module)] > 1:
             reason = "the same module is used under several names"
-        if not reason and bn == "per_branch":
-            reason = _batchnorm_obstacle(module, modules.get(bn_name))
+        if not reason and finder is not None:
+            bn_name, reason = finder.follower(name)
+            reason = reason or _batchnorm_obstacle(module, modules.get(bn_name))
         if reason:
             skipped.append((name, reason))
         else:
