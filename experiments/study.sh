@@ -15,8 +15,11 @@ OUT=${OUT:-experiments/results}
 JOBS=${JOBS:-2}
 SEEDS=${SEEDS:-5}
 
-# Shared by every part: a 6,000-image Fashion-MNIST subset (10 % of it held out as the
-# validation split used for every choice), the full 10,000-image test set, 4 epochs.
+# Shared by every part: --val-fraction holds out 10 % of all 60,000 Fashion-MNIST training
+# images (6,000) as the validation split used for every choice; --subset then trains on 6,000
+# of the rest, a random draw per seed (the same for every method of that seed).  Every run is
+# tested on the full 10,000-image test set; 4 epochs of 47 steps (batch 128, the last batch
+# 112 images) make 188 steps.  summarize.py derives these numbers from results.json.
 COMMON="--dataset fashion-mnist --subset 6000 --val-fraction 0.1 --pad-to 32 --epochs 4
  --batch-size 128 --refresh-warmup 1 --refresh-every 1 --refresh-batches 10 --k 5
  --seeds $SEEDS --no-progress --resume"
@@ -27,7 +30,8 @@ declare -A PART=(
   [resnet18-main]="$RESNET --methods baseline,sgs,acb,dbb"
   [vgg11-main]="$VGG --methods baseline,sgs,acb,dbb"
   [resnet18-bn]="$RESNET --methods acb@bn=after_sum,grid"
-  # ACB's branch sum has mean 5/3: its updates equal SGS's with normalised G at 5/3 the rate
+  # ACB's G has mean 5/3: by Lemma 1, ACB with one BatchNorm after the branch sum
+  # updates as SGS does with ACB's G normalised to mean 1 at 5/3 of the rate (0.05 · 5/3)
   [resnet18-lr]="--model resnet18 --width 0.125 --lr 0.0833 --methods baseline,grid"
   [vgg11-ablation]="$VGG --methods sgs-autocorr,grid@alpha=1.25@beta=1.5,grid,grid@alpha=2@beta=4"
   [vgg11-k]="$VGG --methods sgs@k=1,sgs@k=2,sgs@k=3,sgs@k=7"
