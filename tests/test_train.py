@@ -328,3 +328,18 @@ def test_branch_method_pins_lemma_one_scalings_unnormalised():
         torch.testing.assert_close(g.double(), acb, rtol=0, atol=0)
     _, cfg = resolve_method(dataclasses.replace(_cfg(), method="branch@kind=repvgg"))
     assert cfg.branch.kind == "repvgg"
+
+
+def test_parallel_compare_equals_sequential(tmp_path):
+    from gradshape.experiments.compare import compare
+
+    cfg = _cfg("baseline", 1)
+    methods, seeds = ["baseline", "grid"], [0, 1]
+    one = compare(cfg, methods, seeds, tmp_path / "one", progress=False, report=False)
+    two = compare(cfg, methods, seeds, tmp_path / "two", progress=False, report=False, jobs=2)
+    assert [(r["method"], r["seed"]) for r in two] == [(r["method"], r["seed"]) for r in one]
+    for a, b in zip(one, two):
+        assert _without_timing(a["history"]) == _without_timing(b["history"])
+        assert a["test_acc"] == b["test_acc"] and a["scalings"] == b["scalings"]
+    with pytest.raises(ValueError, match="jobs must be an int >= 1"):
+        compare(cfg, methods, seeds, tmp_path / "three", jobs=0)

@@ -454,6 +454,7 @@ def _compare(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         resume=args.resume,
         progress=args.progress,
+        jobs=args.jobs,
     )
     if not is_main_process():
         return 0
@@ -522,6 +523,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         metavar="N|S1,S2,...",
         help="number of seeds counting up from --seed, or an explicit list (default %(default)s)",
+    )
+    comp.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N runs at once, each in its own process (default %(default)s; give each "
+        "its share of the cores, e.g. OMP_NUM_THREADS=1 with --jobs 2 on 2 cores)",
     )
     comp.set_defaults(func=_compare)
 

@@ -10,7 +10,9 @@ Layout of ``out_dir``::
 Runs are *paired*: every method sees the same seeds, hence the same initial weights (for the
 parts the methods share), data order and augmentations, so differences between methods can be
 taken seed by seed.  Runs go seed by seed (all methods for the first seed, then the next), so
-an interrupted comparison already holds complete pairs.
+an interrupted comparison already holds complete pairs.  With ``jobs > 1`` that many runs train
+side by side in worker processes (each run's arithmetic is unchanged: a run is a function of its
+config alone), taken in the same order.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import multiprocessing
 import shutil
 from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from ..distributed import fail_together
+from ..distributed import fail_together, rank_and_world
 from .config import RunConfig
 from .launch import is_main_process
 from .methods import parse_method
@@ -124,6 +128,7 @@ def compare(
     resume: bool = False,
     progress: bool = True,
     report: bool = True,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Train every method with every seed and write the comparison folder.
 
@@ -136,8 +141,12 @@ def compare(
         resume: keep finished runs, continue interrupted ones from their checkpoints.
         progress: progress bars / per-epoch lines on stderr.
         report: write ``report.md`` and the plots at the end.
+        jobs: runs trained at once, each in its own process (give each process its share of
+            the cores, e.g. ``OMP_NUM_THREADS=1`` with ``jobs=2`` on 2 cores).  Must be 1 under
+            ``torchrun``.
 
-    Returns the list of run records, as written to ``results.json``.
+    Returns the list of run records in the order of the plan, as written to ``results.json``
+    (with ``jobs > 1``, rewritten as runs finish, holding the finished ones).
     """
     if overwrite and resume:
         raise ValueError("compare: overwrite and resume exclude each other: pick one")
@@ -150,14 +159,55 @@ def compare(
         if main:
             names = [run_name(m, s) for m, s in plan]
             _claim_folder(out_dir, names, overwrite=overwrite, resume=resume)
-    records: list[dict[str, Any]] = []
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"compare: jobs must be an int >= 1, got {jobs!r}")
+    if jobs > 1 and rank_and_world()[1] > 1:
+        raise ValueError("compare: jobs > 1 cannot be combined with torchrun; use one or the other")
+    runs = []
     for method, seed in plan:
         run_dir = out_dir / "runs" / run_name(method, seed)
         run_cfg = dataclasses.replace(cfg, method=method, seed=seed)
         partial = (run_dir / CHECKPOINT).exists() or (run_dir / RUN_RECORD).exists()
-        records.append(train_run(run_cfg, run_dir, resume=resume and partial, progress=progress))
-        if main:
-            _write_results(out_dir, records)
+        runs.append((run_cfg, run_dir, resume and partial))
+    if jobs == 1:
+        records: list[dict[str, Any]] = []
+        for run_cfg, run_dir, again in runs:
+            records.append(train_run(run_cfg, run_dir, resume=again, progress=progress))
+            if main:
+                _write_results(out_dir, records)
+    else:
+        records = _run_in_parallel(runs, out_dir, jobs, progress)
     if report and main:
         write_report(out_dir)
     return records
+
+
+def _run_in_parallel(
+    runs: list[tuple[RunConfig, Path, bool]], out_dir: Path, jobs: int, progress: bool
+) -> list[dict[str, Any]]:
+    """Train ``runs`` in ``jobs`` worker processes; results.json grows as they finish.
+
+    A failed run stops the runs not yet started and is raised once the running ones end (their
+    checkpoints are kept, so ``resume`` continues them).
+    """
+    done: dict[int, dict[str, Any]] = {}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {
+            pool.submit(train_run, c, d, resume=again, progress=progress): i
+            for i, (c, d, again) in enumerate(runs)
+        }
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in finished:
+                if future.exception() is None:
+                    done[futures[future]] = future.result()
+            _write_results(out_dir, [done[i] for i in sorted(done)])
+            failed = [f for f in finished if f.exception() is not None]
+            if failed:
+                for future in pending:
+                    future.cancel()
+                wait(pending)
+                raise failed[0].exception()
+    return [done[i] for i in range(len(runs))]
