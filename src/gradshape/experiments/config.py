@@ -8,8 +8,8 @@ traced to its settings.  Sections group the flags of the ``gradshape`` CLI:
 * :class:`ModelConfig`: which architecture and how wide;
 * :class:`OptimConfig`: optimizer, learning-rate schedule, epochs, regularisation;
 * :class:`SGSConfig`, :class:`GridConfig`, :class:`CDGConfig`, :class:`PGTConfig`,
-  :class:`ReparamConfig`, :class:`BranchConfig`: the settings of each method (used only
-  when the method asks).
+  :class:`ReparamConfig`, :class:`BranchConfig`, :class:`DyRepConfig`, :class:`RepOptConfig`:
+  the settings of each method (used only when the method asks).
 
 Defaults follow the SGS paper's CIFAR setting where it gives one (SGD, momentum 0.9, lr 0.1,
 batch 128, cosine schedule, k = 5, refresh after 1 warm-up epoch then every 30 from 20 batches).
@@ -28,10 +28,12 @@ __all__ = [
     "BranchConfig",
     "CDGConfig",
     "DataConfig",
+    "DyRepConfig",
     "GridConfig",
     "ModelConfig",
     "OptimConfig",
     "PGTConfig",
+    "RepOptConfig",
     "ReparamConfig",
     "RunConfig",
     "SGSConfig",
@@ -270,6 +272,63 @@ class BranchConfig:
         _check_choice("branch", "kind", self.kind, ("acb", "repvgg", "dbb"))
 
 
+@dataclass
+class DyRepConfig:
+    """DyRep (see :class:`gradshape.reparam.DyRep`): grow the most salient conv after every
+    ``interval``-th epoch while ``epoch < max_adjust``, cut weak branches.
+
+    Defaults scale DyRep's ImageNet schedule (every 5 epochs, adjusting for the first 100 of
+    120) to this harness's 30 epochs.  ``metric`` is the saliency (``synflow``, ``grad_norm``,
+    ``snip``, ``random``); ``threshold`` and ``min_std`` are the pruning rule's constants;
+    ``recal_batches`` training batches (drawn under the run's seed) re-estimate a new block's
+    BatchNorms (0: none).
+    """
+
+    interval: int = 5
+    max_adjust: int = 25
+    metric: str = "synflow"
+    threshold: float = 0.1
+    min_std: float = 0.02
+    recal_batches: int = 20
+
+    def __post_init__(self) -> None:
+        _check_int("dyrep", "interval", self.interval, 1)
+        _check_int("dyrep", "max_adjust", self.max_adjust, 0)
+        _check_choice("dyrep", "metric", self.metric, ("synflow", "grad_norm", "snip", "random"))
+        _check_real("dyrep", "threshold", self.threshold, 0.0)
+        _check_real("dyrep", "min_std", self.min_std, 0.0)
+        _check_int("dyrep", "recal_batches", self.recal_batches, 0)
+
+
+@dataclass
+class RepOptConfig:
+    """RepOptimizers (see :mod:`gradshape.reparam.repopt`): a hyper-search run of the CSLA
+    model (method ``repopt-hs``), then the target run with the derived multipliers.
+
+    Attributes:
+        search_epochs: epochs of the hyper-search run (0: half the target run's, at least 1).
+        search_clip: gradient-norm clip of the hyper-search run (the authors' 5; 0: none).
+        scale_init: the hyper-search scales' start, ``"stage"`` (RepOpt-VGG's) or ``"ones"``.
+        identity: the target's initial diagonal, the trained ``u`` (``"trained"``) or 1.
+        scales: a scales file of an earlier ``repopt-hs`` run; empty: ``repopt`` runs the
+            hyper-search itself, in ``<run folder>/search``.
+    """
+
+    search_epochs: int = 0
+    search_clip: float = 5.0
+    scale_init: str = "stage"
+    identity: str = "trained"
+    scales: str = ""
+
+    def __post_init__(self) -> None:
+        _check_int("repopt", "search_epochs", self.search_epochs, 0)
+        _check_real("repopt", "search_clip", self.search_clip, 0.0)
+        _check_choice("repopt", "scale_init", self.scale_init, ("stage", "ones"))
+        _check_choice("repopt", "identity", self.identity, ("trained", "one"))
+        if not isinstance(self.scales, str):
+            _fail("repopt", "scales", self.scales, "a file path or ''")
+
+
 _SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -280,6 +339,8 @@ _SECTIONS: dict[str, type] = {
     "pgt": PGTConfig,
     "reparam": ReparamConfig,
     "branch": BranchConfig,
+    "dyrep": DyRepConfig,
+    "repopt": RepOptConfig,
 }
 
 
@@ -311,6 +372,8 @@ class RunConfig:
     pgt: PGTConfig = field(default_factory=PGTConfig)
     reparam: ReparamConfig = field(default_factory=ReparamConfig)
     branch: BranchConfig = field(default_factory=BranchConfig)
+    dyrep: DyRepConfig = field(default_factory=DyRepConfig)
+    repopt: RepOptConfig = field(default_factory=RepOptConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
@@ -359,7 +422,7 @@ def apply_override(cfg: RunConfig, key: str, raw: str, prefer: Sequence[str] = (
     section among ``prefer`` (the sections of the spec's own methods) that has it, so
     ``grid@alpha=2`` means ``grid.alpha``.  ``raw`` is converted to the field's current type.
     """
-    method_sections = ("sgs", "grid", "cdg", "pgt", "reparam", "branch")
+    method_sections = ("sgs", "grid", "cdg", "pgt", "reparam", "branch", "dyrep", "repopt")
     if "." in key:
         section, name = key.split(".", 1)
         if section not in method_sections:

@@ -12,16 +12,18 @@ setting of the :class:`~gradshape.experiments.config.RunConfig` (``key`` is ``se
 or a field name found in one method section only: ``k`` means ``sgs.k``).
 
 Each :class:`MethodInfo` carries flags (``needs_refresh``, ``structural``, ``loss_transform``,
-``param_transform``, ``uses_k``, ``reports_scalings``): the harness, the CLI and the tests read
-these flags and never branch on method names.  At most one part of each ``group`` may appear in
-a combination (two structural kinds, or ``sgs`` with ``grid`` — both a
-:class:`~gradshape.SpatialGradientScaling` on the same weights — do not compose).
+``param_transform``, ``uses_k``, ``reports_scalings``, ``changes_parameters``, ``search``): the
+harness, the CLI and the tests read these flags and never branch on method names.  At most one
+part of each ``group`` may appear in a combination (two structural kinds, or ``sgs`` with
+``grid`` — both a :class:`~gradshape.SpatialGradientScaling` on the same weights — do not
+compose).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -30,16 +32,19 @@ from torch import nn
 
 from .. import reparam
 from ..channel import ChannelDirectedGradients
+from ..distributed import rank_and_world
 from ..powergrad import PowerGrad
 from ..scaling import branch_scaling, grid_scaling
 from ..spatial import RefreshSchedule, SpatialGradientScaling
 from ..transform import GradientTransform, compose
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig, apply_override
 
 __all__ = [
     "METHODS",
     "MethodInfo",
     "MethodState",
+    "SearchStage",
     "build_method",
     "parse_method",
     "resolve_method",
@@ -47,6 +52,14 @@ __all__ = [
 
 #: ``(epoch, train_loader) -> bool``: run at the start of every epoch; True if it did work.
 EpochHook = Callable[[int, Iterable[Any]], bool]
+#: ``(scaler) -> None``: run every step after ``backward()`` and before ``optimizer.step()``.
+StepHook = Callable[[torch.amp.GradScaler], None]
+#: ``(epoch, train_loader) -> bool``: run after every epoch's training pass; True when the
+#: model's parameters changed (the harness then re-wraps DistributedDataParallel).
+EpochEndHook = Callable[[int, Iterable[Any]], bool]
+#: ``(run folder, writes files) -> entries``: run when training ends; the entries join the run
+#: record (only the rank that writes files may write beside the run).
+RecordHook = Callable[[Path, bool], dict[str, Any]]
 
 
 class _Build:
@@ -70,6 +83,9 @@ class _Build:
         self.loss: nn.Module | None = None
         self.transforms: dict[str, GradientTransform] = {}
         self.hooks: list[EpochHook] = []
+        self.step_hooks: list[StepHook] = []
+        self.end_hooks: list[EpochEndHook] = []
+        self.record_hooks: list[RecordHook] = []
         self.scaling: SpatialGradientScaling | None = None
 
     @property
@@ -77,6 +93,24 @@ class _Build:
         if self._optimizer is None:
             self._optimizer = self._make_optimizer(self.model)
         return self._optimizer
+
+
+@dataclass(frozen=True)
+class SearchStage:
+    """A run that must precede a method's own (RepOptimizers' hyper-search).
+
+    Attributes:
+        method: the method spec of the search run (trained in ``<run folder>/search``).
+        output: the file the search run writes beside its record.
+        config_key: the ``section.field`` that receives the path of ``output``; when the
+            config already names a file there, the search is skipped.
+        epochs_key: the ``section.field`` holding the search run's epochs (0: half the run's).
+    """
+
+    method: str
+    output: str
+    config_key: str
+    epochs_key: str
 
 
 @dataclass(frozen=True)
@@ -96,6 +130,9 @@ class MethodInfo:
         reports_scalings: holds a per-layer G that results record (a SpatialGradientScaling).
         section: the config section holding this part's settings (``None``: none).
         fixed: settings this part forces, ``(key, value)`` as in a ``@key=value`` override.
+        changes_parameters: adds and removes model parameters while training (DyRep); no
+            parameter transform composes with it.
+        search: a run to train first (see :class:`SearchStage`).
     """
 
     name: str
@@ -110,6 +147,8 @@ class MethodInfo:
     reports_scalings: bool = False
     section: str | None = None
     fixed: tuple[tuple[str, str], ...] = ()
+    changes_parameters: bool = False
+    search: SearchStage | None = None
 
 
 @dataclass
@@ -126,6 +165,11 @@ class MethodState:
         epoch_hooks: called as ``hook(epoch, train_loader)`` at the start of each epoch.
         scaling: the SpatialGradientScaling whose G results report, if any.
         deploy: ``model -> inference model`` (fusion for structural methods, else identity).
+        step_hooks: called as ``hook(scaler)`` after ``backward()``, before the step.
+        epoch_end_hooks: called as ``hook(epoch, train_loader)`` after each training pass;
+            True when the model's parameters changed.
+        record_hooks: called as ``hook(run_folder, writes_files)`` when training ends; their
+            entries join the run record.
     """
 
     spec: str
@@ -137,6 +181,9 @@ class MethodState:
     epoch_hooks: list[EpochHook]
     scaling: SpatialGradientScaling | None
     deploy: Callable[[nn.Module], nn.Module]
+    step_hooks: list[StepHook] = field(default_factory=list)
+    epoch_end_hooks: list[EpochEndHook] = field(default_factory=list)
+    record_hooks: list[RecordHook] = field(default_factory=list)
 
     def _flag(self, name: str) -> bool:
         return any(getattr(p, name) for p in self.parts)
@@ -248,6 +295,138 @@ def _convertible(_name: str, module: nn.Module) -> bool:
     return not reparam.conversion_obstacle(module)
 
 
+def _training_batches(loader: Any, count: int, seed: int) -> list[Any]:
+    """``count`` batches of randomly drawn training samples (with their augmentation), drawn
+    under ``seed`` without touching the global RNG; under ``torch.distributed`` rank r keeps
+    batches r, r + world, ...  (the statistics are then averaged over the ranks)."""
+    dataset, collate, size = loader.dataset, loader.collate_fn, loader.batch_size
+    rank, world = rank_and_world()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        order = torch.randperm(len(dataset))[: count * size].tolist()
+        chunks = [order[i : i + size] for i in range(0, len(order), size)]
+        return [collate([dataset[i] for i in chunk]) for chunk in chunks[rank::world]]
+
+
+def _build_dyrep(b: _Build) -> None:
+    """DyRep on the plain model: saliency every step, growth and pruning after the scheduled
+    epochs (BatchNorms recalibrated on ``dyrep.recal_batches`` batches), fused at the end."""
+    d, seed = b.cfg.dyrep, b.cfg.seed
+    dyrep = reparam.DyRep(
+        b.model,
+        b.optimizer,
+        interval=d.interval,
+        max_adjust=d.max_adjust,
+        metric=d.metric,
+        threshold=d.threshold,
+        min_std=d.min_std,
+        seed=seed,
+    )
+
+    def adjust(epoch: int, loader: Iterable[Any]) -> bool:
+        if not dyrep.due(epoch):
+            return False
+        batches = None
+        if d.recal_batches:
+            batches = _training_batches(loader, d.recal_batches, seed * 1_000_003 + epoch)
+        report = dyrep.maybe_adjust(epoch, batches)
+        return report is not None and report.changed
+
+    def record(_folder: Path, _writes: bool) -> dict[str, Any]:
+        return {
+            "dyrep": {
+                "structure": [[p, k, list(br)] for p, k, br in dyrep.structure()],
+                "adjustments": [
+                    {"epoch": r.epoch, "grown": r.grown, "score": r.score,
+                     "cut": {n: list(c) for n, c in r.cut.items()}}
+                    for r in dyrep.history
+                ],
+            }
+        }  # fmt: skip
+
+    b.transforms["dyrep"] = dyrep
+    b.deploy = lambda model: reparam.fuse_dyrep(model, fold_batchnorm=True)
+    b.step_hooks.append(lambda scaler: dyrep.record(scaler))
+    b.end_hooks.append(adjust)
+    b.record_hooks.append(record)
+
+
+REPOPT_SCALES = "repopt_scales.pt"
+
+
+def _build_repopt_hs(b: _Build) -> None:
+    """RepOptimizers' hyper-search model: every 3×3-like conv → a CSLA block with trainable
+    scales (no weight decay on s, t), gradients clipped to ``repopt.search_clip``; its scales
+    are saved beside the run as ``repopt_scales.pt``."""
+    r = b.cfg.repopt
+    model = reparam.convert_csla(b.model, scale_init=r.scale_init).model
+    b.model = model
+    b.deploy = reparam.fuse_csla
+    blocks = [m for m in model.modules() if isinstance(m, reparam.CSLABlock)]
+    scales = {id(p) for m in blocks for p in (m.s, m.t)}
+    optimizer = b.optimizer
+    if len(optimizer.param_groups) != 1:
+        raise ValueError("repopt-hs: expected the harness's one-group optimizer")
+    group = optimizer.param_groups[0]
+    group["params"] = [p for p in group["params"] if id(p) not in scales]
+    optimizer.add_param_group(
+        {"params": [p for m in blocks for p in (m.s, m.t)], "weight_decay": 0.0}
+    )
+    if r.search_clip > 0:
+
+        def clip(scaler: torch.amp.GradScaler) -> None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), r.search_clip)
+
+        b.step_hooks.append(clip)
+
+    def record(folder: Path, writes: bool) -> dict[str, Any]:
+        saved = reparam.csla_scales(model)
+        if writes:
+            save_checkpoint(folder / REPOPT_SCALES, saved)
+        return {
+            "repopt_scales": REPOPT_SCALES,
+            "scale_means": {
+                n: {k: None if v is None else float(v.mean()) for k, v in s.items()}
+                for n, s in saved.items()
+            },
+        }
+
+    b.record_hooks.append(record)
+
+
+def _build_repopt(b: _Build) -> None:
+    """The target run: plain model re-initialised from the hyper-search scales, multipliers
+    ``M`` on every CSLA-converted conv (SGD: gradient; AdamW: gradient and adaptive step)."""
+    r, kind = b.cfg.repopt, b.cfg.optim.name
+    if kind not in reparam.REPOPT_OPTIMIZERS:
+        raise ValueError(
+            f"repopt: the multipliers are derived for optim.name in {reparam.REPOPT_OPTIMIZERS}, "
+            f"not {kind!r}"
+        )
+    if not r.scales:
+        raise ValueError(
+            "repopt: no hyper-search scales; train_run runs the search first, otherwise give "
+            "repopt.scales=<the repopt_scales.pt of a repopt-hs run>"
+        )
+    hs = reparam.convert_csla(b.model, scale_init="ones").model
+    reparam.load_csla_scales(hs, load_checkpoint(r.scales))
+    generator = torch.Generator().manual_seed(b.cfg.seed)
+    reparam.repopt_reinit(b.model, hs, identity=r.identity, generator=generator)
+    scalings = reparam.repopt_scalings(hs, kind)
+    b.transforms["repopt"] = reparam.attach_repopt(b.model, scalings, b.optimizer)
+
+    def record(_folder: Path, _writes: bool) -> dict[str, Any]:
+        return {
+            "repopt": {
+                "scales": r.scales,
+                "mean_scaling": {n: g.mean(dim=(0, 1)).tolist() for n, g in scalings.items()},
+            }
+        }
+
+    b.record_hooks.append(record)
+
+
 def _build_cdg(b: _Build) -> None:
     c = b.cfg.cdg
     b.transforms["cdg"] = ChannelDirectedGradients(
@@ -288,6 +467,17 @@ def _registry() -> Mapping[str, MethodInfo]:
                    _build_cdg, param_transform=True, section="cdg"),
         MethodInfo("pgt", "PowerGrad Transform loss (pgt.alpha)", "pgt", _build_pgt,
                    loss_transform=True, section="pgt"),
+        MethodInfo("dyrep", "DyRep: grow salient convs into branch blocks, prune, fuse "
+                   "(dyrep.interval, ...)", "structural", _build_dyrep, structural=True,
+                   section="dyrep", changes_parameters=True),
+        MethodInfo("repopt-hs", "RepOptimizers' hyper-search: CSLA blocks with trainable "
+                   "scales, fused after training", "structural", _build_repopt_hs,
+                   structural=True, section="repopt"),
+        MethodInfo("repopt", "RepOptimizers: hyper-search run, then plain training with its "
+                   "per-channel multipliers (repopt.search_epochs, ...)", "sgs", _build_repopt,
+                   param_transform=True, section="repopt",
+                   search=SearchStage("repopt-hs", REPOPT_SCALES, "repopt.scales",
+                                      "repopt.search_epochs")),
     ]  # fmt: skip
     return MappingProxyType({i.name: i for i in infos})
 
@@ -324,6 +514,13 @@ def parse_method(spec: str) -> tuple[tuple[MethodInfo, ...], tuple[tuple[str, st
         groups[p.group] = p.name
     if len(parts) > 1 and "baseline" in groups:
         raise ValueError(f"method {spec!r}: 'baseline' cannot be combined with other methods")
+    dynamic = [p.name for p in parts if p.changes_parameters]
+    transforms = [p.name for p in parts if p.param_transform]
+    if dynamic and transforms:
+        raise ValueError(
+            f"method {spec!r}: {dynamic[0]!r} replaces parameters during training, so "
+            f"{transforms[0]!r}'s hooks on them would go stale; they do not compose"
+        )
     overrides = []
     for item in raw_overrides:
         key, sep, value = item.partition("=")
@@ -378,4 +575,7 @@ def build_method(
         epoch_hooks=b.hooks,
         scaling=b.scaling,
         deploy=b.deploy,
+        step_hooks=b.step_hooks,
+        epoch_end_hooks=b.end_hooks,
+        record_hooks=b.record_hooks,
     )

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -31,10 +32,10 @@ from torch import nn
 from .. import reparam
 from ..distributed import all_reduce_, fail_together, rank_and_world
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import RunConfig
+from .config import RunConfig, apply_override
 from .data import load_dataset, make_loader, without_augmentation
 from .launch import check_in_sync, device_for_rank, is_main_process
-from .methods import MethodInfo, MethodState, build_method, resolve_method
+from .methods import MethodInfo, MethodState, SearchStage, build_method, resolve_method
 from .models import create_model
 
 __all__ = [
@@ -53,7 +54,14 @@ CHECKPOINT = "checkpoint.pt"
 RUN_RECORD = "run.json"
 _FORMAT = 1
 # Settings a resumed run may change without changing its arithmetic.
-_RESUME_FREE = (("device",), ("eval_every",), ("data", "path"), ("data", "num_workers"))
+_RESUME_FREE = (
+    ("device",),
+    ("eval_every",),
+    ("data", "path"),
+    ("data", "num_workers"),
+    ("repopt", "scales"),  # set by train_run to the search stage's file: depends on the folder
+)
+SEARCH_DIR = "search"
 
 
 class RunExistsError(FileExistsError):
@@ -317,6 +325,8 @@ def _train_epoch(
             logits = model(x)
             loss = method.loss_fn(logits, y)
         scaler.scale(loss).backward()
+        for hook in method.step_hooks:
+            hook(scaler)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -414,8 +424,19 @@ def train_run(
     ``train_acc`` (running, on the augmented batches in training mode), ``val_acc`` and
     ``test_acc`` (``None`` on the epochs ``cfg.eval_every`` skips), ``seconds``, ``lr``,
     ``images`` (trained on, all ranks), ``images_per_second``, ``refreshed``), ``scalings``
-    (for SGS-type methods: G per layer at every refresh and at the end) and
-    ``kernel_magnitude`` (see :func:`kernel_magnitude`).
+    (for SGS-type methods: G per layer at every refresh and at the end),
+    ``kernel_magnitude`` (see :func:`kernel_magnitude`), and the entries of the method's record
+    hooks (``dyrep``: the grown structure and each adjustment; ``repopt-hs``: the scales file
+    ``repopt_scales.pt`` it writes beside the run; ``repopt``: the scales used and the mean
+    multiplier per layer).
+
+    A method with a search stage (``repopt``) first trains the stage's method in
+    ``out_dir/search`` (resumed and overwritten with the run) and reads its output; the record
+    then holds ``search`` (method, folder, epochs, ``train_seconds``, ``test_acc``) and
+    ``search_seconds`` (not included in ``train_seconds``).  DyRep's hooks run every step
+    before the optimizer step (saliency) and after each epoch's training pass (adjustment,
+    counted in ``train_seconds``); after a change of parameters the model is re-wrapped in
+    DistributedDataParallel.
 
     Under ``torchrun`` (a default process group with N > 1 ranks; see
     :mod:`~gradshape.experiments.launch`) the model is wrapped in ``DistributedDataParallel``,
@@ -440,6 +461,10 @@ def train_run(
         record = json.loads(record_path.read_text())
         _check_same_settings(record["config"], cfg, record_path)
         return record
+    search = next((p.search for p in parts if p.search is not None), None)
+    search_record = None
+    if search is not None and not _setting(cfg, search.config_key):
+        cfg, search_record = _search_stage(cfg, search, out_dir, resume, overwrite, progress)
     device = device_for_rank(resolve_device(cfg.device))
     amp = device.type == "cuda" if cfg.amp is None else cfg.amp
     if amp and device.type != "cuda":
@@ -452,10 +477,44 @@ def train_run(
             run.epoch(epoch)
             if main:
                 save_checkpoint(ckpt_path, run.checkpoint())
-        record = run.record()
+        record = run.record(out_dir, main)
+    if search_record is not None:
+        record["search"] = {
+            "method": search_record["method"],
+            "folder": SEARCH_DIR,
+            "epochs": search_record["epochs"],
+            "train_seconds": search_record["train_seconds"],
+            "test_acc": search_record["test_acc"],
+        }
+        record["search_seconds"] = search_record["train_seconds"]
     if main:
         _write_json(record_path, record)
     return record
+
+
+def _setting(cfg: RunConfig, key: str) -> Any:
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name)
+
+
+def _search_stage(
+    cfg: RunConfig,
+    stage: SearchStage,
+    out_dir: Path,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+) -> tuple[RunConfig, dict[str, Any]]:
+    """Train ``stage.method`` in ``out_dir/search`` (same data, model, optimizer and seed;
+    ``stage.epochs_key`` epochs, or half the run's) and point ``stage.config_key`` at the file
+    it wrote.  Returns the updated config and the search run's record."""
+    epochs = _setting(cfg, stage.epochs_key) or max(1, cfg.optim.epochs // 2)
+    search_cfg = dataclasses.replace(
+        cfg, method=stage.method, optim=dataclasses.replace(cfg.optim, epochs=epochs)
+    )
+    folder = out_dir / SEARCH_DIR
+    record = train_run(search_cfg, folder, resume=resume, overwrite=overwrite, progress=progress)
+    return apply_override(cfg, stage.config_key, str(folder / stage.output)), record
 
 
 class _Run:
@@ -499,9 +558,7 @@ class _Run:
         self.model = self.method.model
         self.method.loss_fn.to(device)
         self.forward_model: nn.Module = self.model
-        if self.world > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            self.forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self._wrap()
         workers, eval_size = d.num_workers, max(256, 2 * o.batch_size)
         self.sampler = None
         if self.world > 1:
@@ -546,13 +603,24 @@ class _Run:
         # conversion draws random numbers for its branches, which must not shift augmentation.
         _seed_everything(cfg.seed + 1)
 
+    def _wrap(self) -> None:
+        """(Re-)wrap the model in DistributedDataParallel, after a change of its parameters."""
+        if self.world > 1:
+            device = self.device
+            ids = [device.index] if device.type == "cuda" else None
+            self.forward_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
     def restore(self, ckpt: dict[str, Any], source: Path) -> None:
         _check_same_settings(ckpt["config"], self.cfg, source)
+        # first: a method that changed the model's structure (DyRep) rebuilds it, and the
+        # optimizer's groups, so that the model and optimizer states load strictly
+        self.method.load_state_dict(ckpt["method"])
         self.model.load_state_dict(ckpt["model"])
         self.method.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        self.method.load_state_dict(ckpt["method"])
+        if self.method.epoch_end_hooks:
+            self._wrap()
         _set_rng_state(ckpt["rng"], self.generator)
         self.history, self.clock = list(ckpt["history"]), dict(ckpt["clock"])
         self.next_epoch = ckpt["epoch"] + 1
@@ -592,6 +660,8 @@ class _Run:
             self.scheduler,
             self.bar,
         )
+        if any([hook(epoch, self.train_loader) for hook in self.method.epoch_end_hooks]):
+            self._wrap()
         if self.world > 1:
             loss, acc, seen = _all_ranks(loss, acc, seen, device)
             check_in_sync(self.model, f"{self.cfg.method} epoch {epoch}")
@@ -631,8 +701,9 @@ class _Run:
             + (" (G refreshed)" if refreshed else "")
         )
 
-    def record(self) -> dict[str, Any]:
-        """The run record: final accuracies (the fused model's for structural methods), sizes."""
+    def record(self, out_dir: Path, writes: bool) -> dict[str, Any]:
+        """The run record: final accuracies (the fused model's for structural methods), sizes,
+        and the entries of the method's record hooks (which may write beside the run)."""
         cfg, device, amp = self.cfg, self.device, self.amp
         model = self.model
         deployed = self.method.deploy(model)
@@ -645,6 +716,9 @@ class _Run:
             if self.val_loader is not None:
                 val_acc = evaluate(deployed, self.val_loader, device, amp=amp)
         train_eval_acc = evaluate(deployed, self.fit_loader, device, amp=amp)
+        extra: dict[str, Any] = {}
+        for hook in self.method.record_hooks:
+            extra.update(hook(out_dir, writes))
         return {
             "method": cfg.method,
             "seed": cfg.seed,
@@ -671,6 +745,7 @@ class _Run:
             "world_size": self.world,
             "amp": amp,
             "torch_version": torch.__version__,
+            **extra,
         }
 
     def _fusion_check(self, deployed: nn.Module, unfused_acc: float) -> dict[str, Any]:

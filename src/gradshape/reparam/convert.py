@@ -360,7 +360,9 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         return model
     work = model if inplace else copy.deepcopy(model)
     blocks = [(n, m) for n, m in work.named_modules() if isinstance(m, ReparamBlock)]
-    for name, block in blocks:
+    # a block nested in another (DyRep grows inside blocks) is folded by the outer one
+    outer = [(n, m) for n, m in blocks if not any(n.startswith(f"{o}.") for o, _ in blocks)]
+    for name, block in outer:
         work.set_submodule(name, block.fused())
     return work
 
