@@ -367,3 +367,39 @@ def test_a_frozen_conv_stays_as_it_was():
     assert "frozen (requires_grad=False)" in dict(conversion.skipped)["0"]
     stem = conversion.model[0]
     assert type(stem) is nn.Conv2d and not any(p.requires_grad for p in stem.parameters())
+
+
+def test_one_observed_forward_pairs_what_tracing_cannot():
+    """example_inputs: the BatchNorm after each conv is seen in one forward instead."""
+    x = torch.randn(2, 3, 10, 11, dtype=F64)
+    original = wrapper_net()
+    pairs = reparam.following_batchnorms(original, example_inputs=x)
+    assert pairs == {f"{i}.convolution": f"{i}.normalization" for i in range(4)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conversion = reparam.convert(original, "dbb", example_inputs=x)
+    assert len(conversion.converted) == 4
+    assert reparam.max_output_difference(original, conversion.model, x) <= 1e-12
+    assert reparam.max_output_difference(original, reparam.fuse(conversion.model), x) <= 1e-12
+    # the rule itself: a conv whose output is used twice, or a conv called twice into one
+    # BatchNorm (TwiceCalled: the inner call feeds the conv, not the BatchNorm), is not paired
+    mixed = Mixed().double()
+    observed = reparam.following_batchnorms(
+        mixed, example_inputs=torch.randn(1, 3, 8, 8, dtype=F64)
+    )
+    assert observed == {"layer.convolution": "layer.normalization", "block.conv": "block.bn"}
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            y = self.conv(t)
+            return self.bn(y) + y
+
+    assert reparam.following_batchnorms(Residual(), example_inputs=torch.randn(1, 3, 5, 5)) == {}
+    training = Residual().train()
+    before = training.bn.running_mean.clone()
+    reparam.following_batchnorms(training, example_inputs=torch.randn(1, 3, 5, 5))
+    assert training.training and torch.equal(training.bn.running_mean, before)

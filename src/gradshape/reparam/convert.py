@@ -8,15 +8,17 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from collections import Counter
 from collections.abc import Container, Mapping
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..selection import LayerSelector, layer_predicate
 from .blocks import (
@@ -52,8 +54,15 @@ class Conversion(NamedTuple):
     skipped: tuple[tuple[str, str], ...]
 
 
-def following_batchnorms(model: nn.Module) -> dict[str, str]:
+def following_batchnorms(model: nn.Module, example_inputs: Any = None) -> dict[str, str]:
     """Conv name → name of the ``nn.BatchNorm2d`` that directly follows it.
+
+    With ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword
+    inputs), one eval-mode forward under ``torch.no_grad()`` decides instead of tracing: a
+    BatchNorm directly follows a conv when every output of the conv is used once, by that
+    BatchNorm, and the BatchNorm is called on nothing else.  This works on models torch.fx
+    cannot trace (padding computed from the input's shape, as Hugging Face's MobileNets do),
+    for the path that input takes.
 
     "Directly follows" means: in the ``torch.fx`` graph of the smallest module enclosing the
     conv that decides it, each call of the conv feeds that BatchNorm and nothing else, and the
@@ -71,6 +80,8 @@ def following_batchnorms(model: nn.Module) -> dict[str, str]:
     or the output goes into a module that cannot) are left out, as are convs no BatchNorm2d
     directly follows; :func:`convert` reports which is which.
     """
+    if example_inputs is not None:
+        return _observed_followers(model, example_inputs)[0]
     finder = _BatchNormFinder(model)
     pairs = {}
     for name, module in finder.modules.items():
@@ -79,6 +90,75 @@ def following_batchnorms(model: nn.Module) -> dict[str, str]:
             if bn_name is not None:
                 pairs[name] = bn_name
     return pairs
+
+
+class _Uses(TorchFunctionMode):
+    """Counts, for watched tensors, how many torch calls compute a tensor from them (queries
+    such as ``x.dim()`` or ``x.shape`` are not uses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: dict[int, tuple[torch.Tensor, str]] = {}
+        self.uses: Counter[int] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        results = out if isinstance(out, (tuple, list)) else (out,)
+        if any(isinstance(r, torch.Tensor) for r in results):
+            for value in itertools.chain(args, kwargs.values()):
+                entry = self.watched.get(id(value))
+                if entry is not None and entry[0] is value:
+                    self.uses[id(value)] += 1
+        return out
+
+
+def _observed_followers(model: nn.Module, example_inputs: Any) -> tuple[dict[str, str], set[str]]:
+    """The pairs one forward of ``example_inputs`` shows, and the convs it called."""
+    names = {id(m): n for n, m in model.named_modules()}
+    uses = _Uses()
+    outputs: dict[str, list[int]] = {}  # conv -> ids of its outputs
+    fed: dict[str, list[str | None]] = {}  # BatchNorm -> the conv that produced each input
+
+    def conv_done(module, _args, output):
+        name = names[id(module)]
+        outputs.setdefault(name, []).append(id(output))
+        uses.watched[id(output)] = (output, name)
+
+    def bn_called(module, args):
+        entry = uses.watched.get(id(args[0])) if args else None
+        source = entry[1] if entry is not None and entry[0] is args[0] else None
+        fed.setdefault(names[id(module)], []).append(source)
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_done))
+        elif isinstance(module, nn.BatchNorm2d):
+            handles.append(module.register_forward_pre_hook(bn_called))
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), uses:
+            if isinstance(example_inputs, Mapping):
+                model(**example_inputs)
+            elif isinstance(example_inputs, tuple):
+                model(*example_inputs)
+            else:
+                model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in flags:
+            m.training = training
+    pairs = {}
+    for bn_name, sources in fed.items():
+        conv = sources[0]
+        if conv is None or any(s != conv for s in sources):
+            continue
+        if len(outputs[conv]) == len(sources) and all(uses.uses[i] == 1 for i in outputs[conv]):
+            pairs[conv] = bn_name
+    return pairs, set(outputs)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -235,6 +315,7 @@ def convert(
     inplace: bool = False,
     include: LayerSelector = None,
     exclude: LayerSelector = None,
+    example_inputs: Any = None,
 ) -> Conversion:
     """Replace every eligible ``nn.Conv2d`` by a training-time multi-branch block.
 
@@ -256,6 +337,9 @@ def convert(
             papers train from scratch).
         inplace: modify ``model`` itself.
         include, exclude: module names, fnmatch patterns, or a predicate ``(name, module)``.
+        example_inputs: with ``bn="per_branch"``, inputs for one eval-mode forward that finds
+            the BatchNorm after each conv by observing it (see :func:`following_batchnorms`)
+            instead of tracing; give it for models torch.fx cannot trace.
 
     Returns:
         ``Conversion(model, converted, skipped)``: the converted model, the names of the
@@ -292,7 +376,13 @@ def convert(
         raise ValueError(f"convert: init must be one of {INITS}, got {init!r}")
     inc, exc = layer_predicate(include, "include"), layer_predicate(exclude, "exclude")
     work = model if inplace else copy.deepcopy(model)
-    finder = _BatchNormFinder(work) if bn == "per_branch" else None
+    finder = None
+    observed: tuple[dict[str, str], set[str]] | None = None
+    if bn == "per_branch":
+        if example_inputs is None:
+            finder = _BatchNormFinder(work)
+        else:
+            observed = _observed_followers(work, example_inputs)
     modules = dict(work.named_modules())
     uses = Counter(id(m) for _, m in work.named_modules(remove_duplicate=False))
     blocks = [n for n, m in modules.items() if isinstance(m, ReparamBlock)]
@@ -317,6 +407,13 @@ def convert(
         if not reason and finder is not None:
             bn_name, reason = finder.follower(name)
             reason = reason or _batchnorm_obstacle(module, modules.get(bn_name))
+        elif not reason and observed is not None:
+            bn_name = observed[0].get(name)
+            reason = (
+                _batchnorm_obstacle(module, modules.get(bn_name))
+                if name in observed[1]
+                else f"{_UNKNOWN}the forward of example_inputs did not call it{_AFTER_SUM}"
+            )
         if reason:
             skipped.append((name, reason))
         else:
