@@ -2,18 +2,23 @@
 
 Maps: the input of every 3×3 conv of a randomly initialised CIFAR VGG-16 (eval mode, so the
 BatchNorms are identities and the inputs of layers 2–13 are post-ReLU, about half zeros) on
-:class:`.common.Images` (Fashion-MNIST when present).  Three measurements, each timed in
-interleaved rounds (median), after one untimed warm-up call of each engine:
+:class:`.common.Images` (Fashion-MNIST when present).  What is timed for the authors is their
+histogram stage only, :func:`.anchor.anchor_loop`, on the map their forward hook produces
+(:func:`.anchor.authors_input`: the batches concatenated and zero-padded, prepared untimed, as
+their forward pass does it); gradshape's time is ``gs.spatial_dependence`` on the unpadded
+maps (both of its passes).  Measurements, each timed in interleaved rounds (median) after one
+untimed warm-up call of each engine:
 
-1. **Per layer, one batch of N images** (N = 256): ``gs.spatial_dependence(x, (3, 3),
-   padding=1, engine=...)`` against :func:`.anchor.anchor_dependence` on the same map.
-2. **Per layer, 10 streamed batches** (2,560 images): the library streams the 10 batches
-   through its two-pass accumulator (``spatial_dependence`` of the list of maps); the anchor
-   concatenates them, as the authors' code keeps every batch.
-3. **End to end**: ``SpatialGradientScaling(vgg16).refresh(batches)`` on the 10 batches (two
-   forward passes, all 13 layers, S → G), against the authors' procedure: one forward pass
-   keeping every conv's input for every batch, then the anchor per layer and the same S → G.
-   This includes the network's forward passes, which the library runs twice.
+1. **The histogram stage on one map**, the (256, 64, 32, 32) post-ReLU input of VGG-16's second
+   conv: every engine variant, and the time per pixel pair.
+2. **Cost against the kernel size** (3, 5, 7, padding k // 2) on that map.
+3. **A depthwise 7×7 layer** (ConvNeXt-style: 96 channels of smooth, signed activations).
+4. **Per layer, one batch of N images** (N = 256), all 13 layers.
+5. **Per layer, 10 streamed batches** (2,560 images): the library streams the 10 batches
+   through its two-pass accumulator; the authors' loop sees them concatenated.
+6. **End to end**: ``SpatialGradientScaling(vgg16).refresh(batches)`` on the 10 batches (all
+   13 layers, S → G), against the authors' procedure: one forward pass keeping every conv's
+   padded input for every batch, then their loop per layer and the same S → G.
 
 max |ΔS| is over the entries where both are defined (a constant channel gives NaN in both; the
 NaN patterns are checked to match).  On CUDA the library runs on the device (maps moved there
@@ -27,7 +32,7 @@ import torch
 import gradshape as gs
 from gradshape.dependence import PairGeometry, make_accumulator
 
-from .anchor import anchor_dependence
+from .anchor import anchor_dependence, anchor_loop, authors_input
 from .common import (
     Images,
     conv_inputs,
@@ -66,7 +71,7 @@ def _stays_on_device(x: torch.Tensor) -> bool:
     for _ in range(acc.passes):
         acc.observe(x)
         acc.end_pass()
-    state = [v for v in vars(acc).values() if isinstance(v, torch.Tensor)]
+    state = [v for k, v in vars(acc).items() if k.startswith("_") and isinstance(v, torch.Tensor)]
     return bool(state) and all(t.device == x.device for t in state)
 
 
@@ -86,8 +91,10 @@ def _per_layer(
         on_device = [b.to(device) for b in batches]
         out: dict[str, torch.Tensor] = {}
 
-        def anchor(batches=batches, out=out):
-            out["anchor"] = anchor_dependence(batches)
+        padded = authors_input(batches)  # the authors' forward hook, untimed
+
+        def anchor(padded=padded, out=out):
+            out["anchor"] = anchor_loop(padded)
 
         fns = {"anchor": anchor}
         for label, (engine, count) in variants.items():
@@ -112,6 +119,122 @@ def _per_layer(
         f"| **all {len(maps)}** | | **{totals['anchor']:.3f}** | {cells} | **{worst:.1e}** |"
     )
     return rows, worst
+
+
+def _pairs(shape: tuple[int, ...], kernel: int) -> int:
+    """Pixel pairs the histograms count: one of each ±δ, padding k // 2 (zero-padded map)."""
+    n, c, h, w = shape
+    pad, half = kernel // 2, kernel // 2
+    offsets = [(dy, dx) for dy in range(-half, half + 1) for dx in range(-half, half + 1)]
+    offsets = offsets[len(offsets) // 2 + 1 :]
+    return sum(n * c * (h + 2 * pad - abs(dy)) * (w + 2 * pad - abs(dx)) for dy, dx in offsets)
+
+
+def _stage(
+    x: torch.Tensor, kernel: int, device: torch.device, rounds: int, variants: dict
+) -> tuple[dict[str, float], float]:
+    """Median seconds of the anchor's loop and of each library variant on ``x``; max |ΔS|."""
+    padded = authors_input(x, (kernel // 2, kernel // 2))  # the authors' hook, untimed
+    on_device = x.to(device)
+    out: dict[str, torch.Tensor] = {}
+    fns = {"anchor": lambda: out.__setitem__("anchor", anchor_loop(padded, (kernel, kernel)))}
+    for label, (engine, count) in variants.items():
+
+        def library(label=label, engine=engine, count=count):
+            with threads(count):
+                out[label] = gs.spatial_dependence(
+                    on_device, (kernel, kernel), padding=kernel // 2, engine=engine
+                )
+
+        library()  # warm-up (loads the compiled kernel for this dtype)
+        fns[label] = library
+    times = {k: median(v) for k, v in interleaved(fns, rounds, device).items()}
+    return times, max(_max_diff(out[v], out["anchor"]) for v in variants)
+
+
+def _stage_variants(device: torch.device) -> dict[str, tuple[str, int | None]]:
+    if device.type != "cpu":
+        return {"auto": ("auto", None)}
+    return {"auto": ("auto", None), "auto, 1 thread": ("auto", 1), "torch": ("torch", None)}
+
+
+def _histogram_stage(x: torch.Tensor, device: torch.device, rounds: int) -> list[str]:
+    """The histogram stage on one map: every variant, the time per pair, the ratio."""
+    variants = _stage_variants(device)
+    times, diff = _stage(x, 3, device, rounds, variants)
+    pairs = _pairs(tuple(x.shape), 3)
+    rows = [
+        "| implementation | s | ns per pixel pair | anchor / this |",
+        "| --- | ---: | ---: | ---: |",
+        f"| anchor (authors' loop, 1 thread) | {times['anchor']:.3f} | "
+        f"{times['anchor'] / pairs * 1e9:.2f} | 1.00× |",
+    ]
+    for v in variants:
+        rows.append(
+            f"| gradshape {v} | {times[v]:.3f} | {times[v] / pairs * 1e9:.2f} | "
+            f"{ratio(times['anchor'], times[v])} |"
+        )
+    rows += ["", f"{pairs:,} pixel pairs (3×3, padding 1); max |ΔS| against the anchor {diff:.1e}."]
+    return rows
+
+
+def _kernel_sizes(x: torch.Tensor, device: torch.device, rounds: int) -> list[str]:
+    """Cost against the kernel size (3, 5, 7), padding k // 2."""
+    variants = {"auto": ("auto", None)}
+    rows = [
+        "| kernel | pixel pairs | anchor s | gradshape s | gradshape ns per pair "
+        "| anchor / gradshape | max abs ΔS |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for k in (3, 5, 7):
+        times, diff = _stage(x, k, device, rounds, variants)
+        pairs = _pairs(tuple(x.shape), k)
+        rows.append(
+            f"| {k}×{k} | {pairs:,} | {times['anchor']:.3f} | {times['auto']:.3f} | "
+            f"{times['auto'] / pairs * 1e9:.2f} | {ratio(times['anchor'], times['auto'])} | "
+            f"{diff:.1e} |"
+        )
+    return rows
+
+
+def _depthwise_map(n: int, channels: int, size: int) -> torch.Tensor:
+    """ConvNeXt-like activations: smooth signed fields (bilinear 4× upsampling) plus noise."""
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randn(n, channels, size // 4, size // 4, generator=g)
+    smooth = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
+    return smooth + 0.3 * torch.randn(n, channels, size, size, generator=g)
+
+
+def _depthwise(x: torch.Tensor, device: torch.device, rounds: int) -> list[str]:
+    """A depthwise 7×7 layer's input: the stage on it, and against a forward of the layer."""
+    variants = _stage_variants(device)
+    times, diff = _stage(x, 7, device, rounds, variants)
+    conv = torch.nn.Conv2d(x.shape[1], x.shape[1], 7, padding=3, groups=x.shape[1]).to(device)
+    on_device = x.to(device)
+
+    def forward():
+        with torch.no_grad():
+            conv(on_device)
+
+    forward()
+    t_forward = median(interleaved({"forward": forward}, rounds, device)["forward"])
+    n, c, h, w = x.shape
+    rows = [
+        f"Map ({n}, {c}, {h}, {w}), depthwise 7×7, padding 3; a forward of that layer takes "
+        f"{t_forward * 1e3:.1f} ms here.",
+        "",
+        "| implementation | s | × the layer's forward | anchor / this |",
+        "| --- | ---: | ---: | ---: |",
+        f"| anchor (authors' loop, 1 thread) | {times['anchor']:.3f} | "
+        f"{times['anchor'] / t_forward:.0f} | 1.00× |",
+    ]
+    for v in variants:
+        rows.append(
+            f"| gradshape {v} | {times[v]:.3f} | {times[v] / t_forward:.0f} | "
+            f"{ratio(times['anchor'], times[v])} |"
+        )
+    rows += ["", f"max |ΔS| against the anchor {diff:.1e}."]
+    return rows
 
 
 def _anchor_refresh(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -161,7 +284,7 @@ def _end_to_end(
 
 
 def run(device: torch.device, quick: bool = False) -> str:
-    """Time the three measurements; return a Markdown section."""
+    """Time the measurements listed in the module docstring; return a Markdown section."""
     batch, streamed, width, rounds = (64, 2, 0.25, 2) if quick else (256, 10, 1.0, 3)
     torch.manual_seed(0)
     model = vgg("vgg16", width)
@@ -171,6 +294,12 @@ def run(device: torch.device, quick: bool = False) -> str:
     first = next(iter(maps.values()))[0][:8].to(device)
     for engine in ("auto", "torch"):  # warm-up: numba's first call loads its compiled code
         gs.spatial_dependence(first, (3, 3), padding=1, engine=engine)
+    stage_map = maps[list(maps)[1]][0]  # VGG-16's second conv input: (N, 64·width, 32, 32)
+    stage = _histogram_stage(stage_map, device, rounds)
+    sizes = _kernel_sizes(stage_map, device, rounds)
+    depthwise = _depthwise(
+        _depthwise_map(*((8, 24, 28) if quick else (32, 96, 56))), device, rounds
+    )
     single, worst_one = _per_layer({n: v[:1] for n, v in maps.items()}, device, rounds)
     multi, worst_many = _per_layer(maps, device, max(1, rounds - 1))
     del maps, per_batch
@@ -186,6 +315,24 @@ def run(device: torch.device, quick: bool = False) -> str:
         f"{rounds} interleaved rounds (one batch) and of {max(1, rounds - 1)} (streamed, end to "
         "end), after one warm-up call of each engine.  Targets: anchor / gradshape ≥ 3 on the "
         "CPU, ≥ 100 on a GPU; |ΔS| ≤ 0.01.",
+        "",
+        "### The histogram stage on one map",
+        "",
+        f"The input of VGG-16's second conv, {tuple(stage_map.shape)}, post-ReLU.  The anchor "
+        "is timed on the padded map its forward hook produced; gradshape on the unpadded map, "
+        "both passes (ranges, then counts).",
+        "",
+        *stage,
+        "",
+        "### Cost against the kernel size",
+        "",
+        "The same map, kernels 3×3, 5×5 and 7×7 with padding k // 2 (gradshape `auto`).",
+        "",
+        *sizes,
+        "",
+        "### A depthwise 7×7 layer (ConvNeXt-style)",
+        "",
+        *depthwise,
         "",
         f"### One batch of {batch} images",
         "",
@@ -209,9 +356,9 @@ def run(device: torch.device, quick: bool = False) -> str:
         "",
         *_end_to_end(batches, width, device, max(1, rounds - 1)),
         "",
-        "The end-to-end time includes the network's forward passes: the library runs two "
-        "(ranges, then histograms) so that its memory does not grow with the number of "
-        "batches; the authors' procedure runs one and keeps every map.  ΔG is at float32 "
+        "The end-to-end times include the network's forward passes: the authors' procedure "
+        "runs one and keeps every conv's padded input; the library runs what its refresh "
+        "needs with memory bounded independently of the number of batches.  ΔG is at float32 "
         "round-off: the library stores G in float32.",
         "",
         f"Largest |ΔS| against the anchor: {max(worst_one, worst_many):.1e}.",

@@ -114,3 +114,14 @@ def test_nmi_of_a_sample_with_itself_is_one_and_of_a_constant_is_nan():
     p = np.random.default_rng(0).normal(size=200).astype(np.float32)
     assert anchor.nmi_from_pairs(p, p) == pytest.approx(1.0, abs=1e-12)
     assert math.isnan(anchor.nmi_from_pairs(np.ones(50), np.ones(50)))
+
+
+def test_authors_input_is_the_hooks_padded_map_and_the_loop_reads_it_as_is():
+    maps = [_smooth_relu(3, 2, 9, seed=s) for s in range(2)]
+    padded = anchor.authors_input(maps, (1, 2))
+    want = np.pad(torch.cat(maps).numpy(), ((0, 0), (0, 0), (1, 1), (2, 2)))
+    np.testing.assert_array_equal(padded, want)
+    assert padded.dtype == np.float32  # the maps' dtype: no conversion around the loop
+    s = anchor.anchor_loop(padded, (3, 5))
+    torch.testing.assert_close(s, anchor.anchor_dependence(maps, (3, 5), (1, 2)), rtol=0, atol=0)
+    _assert_agree(s, gs.spatial_dependence(maps, (3, 5), padding=(1, 2), measure="nmi"))
