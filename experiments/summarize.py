@@ -28,7 +28,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from gradshape.experiments.report import (
+from gradshape.harness.report import (
     BASELINE,
     gap_table,
     load_results,

@@ -204,3 +204,27 @@ def test_no_layer_error_counts_the_convs_and_says_why():
     text = str(err.value)
     assert "Sequential has 3 convolutions and none to act on" in text
     assert "2 with a 1x1 kernel (e.g. '1'" in text and "1 with an even kernel (e.g. '0'" in text
+
+
+def test_copies_of_an_attached_model_are_plain_models():
+    """deepcopy (an EMA copy) and pickling work and carry no transform with them."""
+    import copy
+    import io
+
+    model, x, y = net(), *batch()
+    sgs = gs.SpatialGradientScaling(model)
+    sgs.set_scaling("0", torch.rand(3, 3) + 0.5)
+    reference = net()
+    for twin in (copy.deepcopy(model), torch.load(_saved(model, io), weights_only=False)):
+        assert hooks_of(twin) == []
+        got, want = gradients(twin, x, y), gradients(reference, x, y)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    sgs.remove()
+
+
+def _saved(model, io):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return buffer

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from gradshape.experiments import checkpoint as ck
+from gradshape.harness import checkpoint as ck
 
 
 def _state(epoch: int) -> dict:
@@ -70,7 +70,7 @@ CHILD = textwrap.dedent(
     """
     import io, sys, time
     import torch
-    from gradshape.experiments import checkpoint as ck
+    from gradshape.harness import checkpoint as ck
 
     path = sys.argv[1]
     ck.save_checkpoint(path, {"epoch": 1, "w": torch.arange(10.0)})

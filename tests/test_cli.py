@@ -11,13 +11,14 @@ import sys
 import pytest
 
 from gradshape import cli
-from gradshape.experiments.methods import METHODS
+from gradshape.harness.methods import METHODS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUICK = [
-    "--dataset", "digits", "--subset", "256", "--model", "tiny", "--epochs", "2",
-    "--batch-size", "32", "--lr", "0.05", "--refresh-every", "1", "--refresh-batches", "2",
-    "--device", "cpu", "--no-progress",
+    "--data.dataset", "digits", "--data.subset", "256", "--model.name", "tiny",
+    "--optim.epochs", "2", "--optim.batch_size", "32", "--optim.lr", "0.05",
+    "--sgs.refresh_every", "1", "--sgs.refresh_batches", "2", "--device", "cpu",
+    "--progress", "false",
 ]  # fmt: skip
 
 
@@ -107,8 +108,8 @@ def test_unknown_method_lists_the_valid_ones(tmp_path, capsys):
 
 
 def test_missing_data_path_says_what_is_expected(tmp_path, capsys):
-    argv = ["train", "--dataset", "fashion-mnist", "--data-path", str(tmp_path / "nowhere"),
-            "--out", str(tmp_path / "run"), "--no-progress"]  # fmt: skip
+    argv = ["train", "--data.dataset", "fashion-mnist", "--data.path", str(tmp_path / "nowhere"),
+            "--out", str(tmp_path / "run"), "--progress", "false"]  # fmt: skip
     assert cli.main(argv) == 2
     line = _error_line(capsys)
     assert "train-images-idx3-ubyte" in line

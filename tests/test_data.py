@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gradshape.experiments.data import DATASETS, FASHION_MNIST_PATH, load_dataset, make_loader
+from gradshape.harness.data import DATASETS, FASHION_MNIST_PATH, load_dataset, make_loader
 
 FASHION_NAMES = (
     "train-images-idx3-ubyte",

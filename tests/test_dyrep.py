@@ -594,7 +594,7 @@ def test_ranks_grow_the_same_conv_from_all_reduced_scores(tmp_path):
 
 # ---- the harness -----------------------------------------------------------------------------
 def _harness_cfg(method: str, epochs: int):
-    from gradshape.experiments.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+    from gradshape.harness.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 
     return RunConfig(
         method=method,
@@ -606,9 +606,9 @@ def _harness_cfg(method: str, epochs: int):
 
 
 def test_harness_dyrep_resumes_bit_for_bit_after_an_adjustment(tmp_path, monkeypatch):
-    from gradshape.experiments import train
-    from gradshape.experiments.checkpoint import load_checkpoint
-    from gradshape.experiments.models import create_model
+    from gradshape.harness import train
+    from gradshape.harness.checkpoint import load_checkpoint
+    from gradshape.harness.models import create_model
 
     cfg = _harness_cfg("dyrep@interval=2@max_adjust=4@recal_batches=2", 4)
     straight = train.train_run(cfg, tmp_path / "a", progress=False)
@@ -646,7 +646,7 @@ def test_harness_dyrep_resumes_bit_for_bit_after_an_adjustment(tmp_path, monkeyp
 
 
 def test_harness_dyrep_settings_and_composition():
-    from gradshape.experiments.methods import parse_method, resolve_method
+    from gradshape.harness.methods import parse_method, resolve_method
 
     _, cfg = resolve_method(_harness_cfg("dyrep@interval=5@metric=snip", 1))
     assert (cfg.dyrep.interval, cfg.dyrep.metric) == (5, "snip")

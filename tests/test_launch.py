@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from gradshape.experiments.launch import check_in_sync
+from gradshape.harness.launch import check_in_sync
 
 
 def _free_port() -> int:
@@ -36,10 +36,10 @@ def test_torchrun_train_with_sgs_covers_the_data_once_per_epoch(tmp_path):
     subset, epochs = 192, 2
     out = tmp_path / "run"
     done = _torchrun(
-        ["train", "--method", "sgs", "--dataset", "digits", "--subset", str(subset),
-         "--model", "tiny", "--epochs", str(epochs), "--batch-size", "32", "--lr", "0.05",
-         "--refresh-every", "1", "--refresh-batches", "2", "--device", "cpu",
-         "--no-progress", "--out", str(out)],
+        ["train", "--method", "sgs", "--data.dataset", "digits", "--data.subset", str(subset),
+         "--model.name", "tiny", "--optim.epochs", str(epochs), "--optim.batch_size", "32",
+         "--optim.lr", "0.05", "--sgs.refresh_every", "1", "--sgs.refresh_batches", "2",
+         "--device", "cpu", "--progress", "false", "--out", str(out)],
         tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

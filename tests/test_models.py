@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gradshape import reparam
-from gradshape.experiments.models import MODELS, create_model, scaled_channels
+from gradshape.harness.models import MODELS, create_model, scaled_channels
 
 # channel plans written out here, independent of the module's tables
 VGG_PLANS = {

@@ -216,7 +216,10 @@ def assert_valid_scaling(g: torch.Tensor, kernel: tuple[int, ...]) -> None:
 
 
 def refreshed(model: nn.Module, x: torch.Tensor, engine: str, measure: str = "nmi") -> torch.Tensor:
-    sgs = gs.SpatialGradientScaling(model, measure=measure, engine=engine)
+    # any kernel and stride: the policy on even and patchify convs is tested elsewhere
+    sgs = gs.SpatialGradientScaling(
+        model, measure=measure, engine=engine, even_kernels=True, patchify=True
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # degenerate layers say so
@@ -310,7 +313,7 @@ def test_nan_or_inf_input_raises_naming_the_layer(measure: str, case: Case, bad:
     model = one_conv(case)
     x = make_input(case)
     x.view(-1)[case.seed % x.numel()] = bad
-    sgs = gs.SpatialGradientScaling(model, measure=measure)
+    sgs = gs.SpatialGradientScaling(model, measure=measure, even_kernels=True, patchify=True)
     with pytest.raises(ValueError, match="'0' contains NaN or inf"):
         sgs.refresh([x])
     assert torch.equal(sgs.scalings["0"], torch.ones(case.kernel))  # unchanged

@@ -22,7 +22,8 @@ def test_readme_example_runs_and_learns_scalings(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(blocks[0], str(README), "exec"), namespace)
     sgs = namespace["sgs"]
-    assert sgs.refresh_count == 1  # warm-up epoch 0, refresh at epoch 1 (every 2)
+    # warm-up epoch 0, then the authors' rule: epoch 1 and every epoch divisible by 2
+    assert [epoch for epoch, _ in sgs.history] == [1, 2]
     for g in sgs.scalings.values():
         assert torch.isfinite(g).all() and (g > 0).all()
         assert abs(g.mean().item() - 1) < 1e-5

@@ -394,7 +394,7 @@ def test_state_round_trips_and_remove_restores_plain_gradients(kind):
 
 # ---- the harness -----------------------------------------------------------------------------
 def _harness_cfg(method: str, epochs: int, optimizer: str = "sgd"):
-    from gradshape.experiments.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+    from gradshape.harness.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 
     return RunConfig(
         method=method,
@@ -406,9 +406,9 @@ def _harness_cfg(method: str, epochs: int, optimizer: str = "sgd"):
 
 
 def test_harness_repopt_runs_the_search_then_the_target(tmp_path):
-    from gradshape.experiments import train
-    from gradshape.experiments.checkpoint import load_checkpoint
-    from gradshape.experiments.models import create_model
+    from gradshape.harness import train
+    from gradshape.harness.checkpoint import load_checkpoint
+    from gradshape.harness.models import create_model
 
     record = train.train_run(_harness_cfg("repopt@search_epochs=1", 2), tmp_path / "r",
                              progress=False)  # fmt: skip

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from gradshape.experiments import report
+from gradshape.harness import report
 
 scipy_stats = pytest.importorskip("scipy.stats")
 

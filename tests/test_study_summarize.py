@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from gradshape.experiments.data import _split, make_loader
+from gradshape.harness.data import _split, make_loader
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "summarize.py"
 

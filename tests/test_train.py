@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from gradshape import reparam
-from gradshape.experiments import train
-from gradshape.experiments.checkpoint import load_checkpoint
-from gradshape.experiments.config import (
+from gradshape.harness import train
+from gradshape.harness.checkpoint import load_checkpoint
+from gradshape.harness.config import (
     DataConfig,
     GridConfig,
     ModelConfig,
@@ -20,8 +20,8 @@ from gradshape.experiments.config import (
     RunConfig,
     SGSConfig,
 )
-from gradshape.experiments.methods import METHODS, build_method, parse_method, resolve_method
-from gradshape.experiments.models import create_model
+from gradshape.harness.methods import METHODS, build_method, parse_method, resolve_method
+from gradshape.harness.models import create_model
 
 TIMING = ("seconds", "images_per_second")
 
@@ -251,6 +251,9 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
 def test_resume_refuses_changed_settings(tmp_path):
     train.train_run(_cfg("baseline", 1), tmp_path, progress=False)
     changed = _cfg("baseline", 1, lr=0.2)
+    with pytest.raises(ValueError, match=r"config.yaml: .*different settings \(\['optim.lr'\]\)"):
+        train.train_run(changed, tmp_path, resume=True, progress=False)
+    (tmp_path / "config.yaml").unlink()  # a run folder made before config.yaml existed
     with pytest.raises(ValueError, match=r"run.json: .*different settings \(\['optim.lr'\]\)"):
         train.train_run(changed, tmp_path, resume=True, progress=False)
     (tmp_path / "run.json").unlink()  # as if interrupted after the last checkpoint
@@ -331,7 +334,7 @@ def test_branch_method_pins_lemma_one_scalings_unnormalised():
 
 
 def test_parallel_compare_equals_sequential(tmp_path):
-    from gradshape.experiments.compare import compare
+    from gradshape.harness.compare import compare
 
     cfg = _cfg("baseline", 1)
     methods, seeds = ["baseline", "grid"], [0, 1]

@@ -5,10 +5,11 @@ Fashion-MNIST when Debian's ``dataset-fashion-mnist`` is installed (a 15,000-ima
 subset padded to 32×32, the full 10,000-image test set, VGG-11 at width 0.25 without its last
 pooling stage), otherwise on scikit-learn's digits.  It is the same as::
 
-    gradshape compare --methods baseline,sgs,acb --seeds 1 --dataset fashion-mnist \\
-        --subset 15000 --pad-to 32 --model vgg11 --width 0.25 --drop-last-pool --epochs 5 \\
-        --batch-size 128 --lr 0.05 --refresh-every 5 --refresh-batches 10 --out runs/demo \\
-        --overwrite
+    gradshape compare --methods baseline,sgs,acb --seeds 1 --data.dataset fashion-mnist \\
+        --data.subset 15000 --data.pad_to 32 --model.name vgg11 --model.width 0.25 \\
+        --model.drop_last_pool --optim.epochs 5 --optim.batch_size 128 --optim.lr 0.05 \\
+        --optim.warmup_epochs 0.5 --sgs.refresh_every 5 --sgs.refresh_batches 10 \\
+        --out runs/demo --overwrite
 
 and ends by printing the report's table (with each method's training time against the
 baseline's), the learned G of every layer and where the plots are.  SGS refreshes on the
@@ -24,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from .experiments.compare import compare
-from .experiments.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SGSConfig
-from .experiments.report import table
+from .harness.compare import compare
+from .harness.config import DataConfig, ModelConfig, OptimConfig, RunConfig, SGSConfig
+from .harness.report import table
 
 __all__ = ["FASHION_MNIST", "demo_config", "main"]
 

@@ -19,11 +19,14 @@ happens inside that layer's forward with a weight of its shape.  So
 **Masks.**  A dict batch with an ``attention_mask`` (non-zero = real, the Hugging Face
 convention) or a ``padding_mask`` (True = padded, fairseq's) marks, per example, which steps of
 a zero-padded sequence are real.  Each 1-D convolution's input length is followed from the
-mask's length through the strides, padding and dilation of the convolutions before it (an
-output step is masked when its window reads a masked step), and pixel pairs with either end
-masked are left out of that layer's statistics.  A layer whose input length cannot be followed
-(a pooling or resampling in between, or 2-D/3-D maps) is measured without the mask and named
-in :attr:`Measurement.unmasked`.
+mask's length through the strides, padding and dilation of the convolutions before it, and each
+example is measured as if it had been given alone, unpadded: the masked steps within the
+conv's padding of a real step count as that padding (zeros), pixel pairs reaching further into
+the masked region are left out, and an output step is real when its window reads only real
+steps or padding.  G is then the same however far the examples were padded (exactly so where
+the model itself zeroes or never reads the masked steps feeding real outputs).  A layer whose
+input length cannot be followed (a pooling or resampling in between, or 2-D/3-D maps) is
+measured without the mask and named in :attr:`Measurement.unmasked`.
 
 **One forward pass when it fits.**  NMI needs two passes over the same pairs (global ranges,
 then histograms).  The first pass keeps references to the captured inputs, up to ``cache_bytes``
@@ -246,13 +249,31 @@ def _conv_arguments(args: tuple, kwargs: dict) -> tuple:
     return (*args, *(kwargs.get(n, d) for n, d in rest))
 
 
-def _output_mask(valid: torch.Tensor, geometry: PairGeometry, stride: Any) -> torch.Tensor:
-    """Valid steps of a 1-D convolution's output: a step whose window reads a masked input
-    step is masked (padding steps are not masked)."""
+def _own_padding(valid: torch.Tensor, geometry: PairGeometry) -> torch.Tensor:
+    """Masked steps that an example of its own length would see as the conv's padding.
+
+    ``after`` steps right after each real step and ``before`` steps right before one: in an
+    unpadded example these positions are the conv's zero padding, so they are measured as zeros
+    (pairs with them keep the paper's semantics) and every other masked step is left out.  This
+    makes the measurement the same however far an example is padded.
+    """
+    (before, after) = geometry.padding[0]
+    real = valid.float()[:, None]
+    near = torch.zeros_like(valid)
+    if after:
+        near |= F.max_pool1d(F.pad(real, (after, 0)), after + 1, stride=1)[:, 0] > 0
+    if before:
+        near |= F.max_pool1d(F.pad(real, (0, before)), before + 1, stride=1)[:, 0] > 0
+    return near & ~valid
+
+
+def _output_mask(allowed: torch.Tensor, geometry: PairGeometry, stride: Any) -> torch.Tensor:
+    """Real steps of a 1-D convolution's output: those whose window reads only real steps,
+    the example's own padding (``allowed``) or the tensor's padding."""
     (before, after), (k,), (d,) = geometry.padding[0], geometry.kernel_size, geometry.dilation
     s = stride if isinstance(stride, int) else next(iter(stride))
-    invalid = F.pad((~valid).float()[:, None], (before, after))
-    hits = F.conv1d(invalid, torch.ones(1, 1, k, dtype=invalid.dtype), stride=s, dilation=d)
+    outside = F.pad((~allowed).float()[:, None], (before, after))
+    hits = F.conv1d(outside, torch.ones(1, 1, k, dtype=outside.dtype), stride=s, dilation=d)
     return hits[:, 0] == 0
 
 
@@ -366,13 +387,19 @@ class OperationCapture(TorchFunctionMode):
                 )
                 x = padded.source
         layer = self._attribute(weight)
-        mask = self._follow_mask(x, geometry, stride, dims, layer)
+        followed = self._follow_mask(x, geometry, stride, dims, layer)
         if layer is not None:
+            mask = None
+            if followed is not None:
+                valid, allowed = followed
+                x, mask = torch.where(valid[:, None], x, 0.0), allowed
             self.on_call(ConvCall(layer, x, geometry, mask))
 
     def _follow_mask(
         self, x: torch.Tensor, geometry: PairGeometry, stride: Any, dims: int, layer: str | None
-    ) -> torch.Tensor | None:
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(real steps, real steps and the example's own padding)`` of ``x``, or ``None``;
+        registers the output's real steps under the output's length."""
         if not self._masks:
             return None
         valid = self._masks.get(x.shape[-1]) if dims == 1 else None
@@ -386,10 +413,11 @@ class OperationCapture(TorchFunctionMode):
                 )
             return None
         valid = valid.to(x.device)
-        out = _output_mask(valid, geometry, stride)
+        allowed = valid | _own_padding(valid, geometry)
+        out = _output_mask(allowed, geometry, stride)
         known = self._masks.get(out.shape[1], out)
         self._masks[out.shape[1]] = out if known is not None and torch.equal(known, out) else None
-        return valid
+        return valid, allowed
 
 
 # ---- the measurement -------------------------------------------------------------------------
@@ -488,7 +516,7 @@ def measure_layers(
                 f"its weight was convolved as a {call.geometry.kernel_size} kernel, not {expected}"
             )
             return
-        _observe(entry.accumulator, call)
+        entry.accumulator.observe(call.input, mask=call.mask)
         if entry.accumulator.passes > 1:
             cache.keep(call)
 
@@ -525,7 +553,7 @@ def measure_layers(
             if cache.intact():
                 for call, _version in cache.calls:
                     if call.layer in measured:
-                        _observe(state[call.layer].accumulator, call)
+                        state[call.layer].accumulator.observe(call.input, mask=call.mask)
             else:
                 result.second_forward = True
                 cache.calls = None
@@ -533,7 +561,7 @@ def measure_layers(
 
                 def count(call: ConvCall) -> None:
                     if call.layer in targets:
-                        _observe(state[call.layer].accumulator, call)
+                        state[call.layer].accumulator.observe(call.input, mask=call.mask)
 
                 with fail_together(f"{where}"):
                     run(count)
@@ -541,15 +569,8 @@ def measure_layers(
                 state[n].accumulator.end_pass()
     for n in measured:
         acc = state[n].accumulator
-        result.dependence[n] = (acc.result(), getattr(acc, 'live', None))
+        result.dependence[n] = (acc.result(), acc.live)
     return result
-
-
-def _observe(acc: DependenceAccumulator, call: ConvCall) -> None:
-    if call.mask is None:
-        acc.observe(call.input)
-    else:
-        acc.observe(call.input, mask=call.mask)
 
 
 def _geometry_change(first: PairGeometry, later: PairGeometry) -> str:

@@ -28,6 +28,7 @@ Attaching never changes a module's class, its ``state_dict`` keys or its Paramet
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -157,7 +158,7 @@ class ParameterTransform(GradientTransform):
                     self._param_handles[name] = self._hook_gradient(name, p)
                 if self._watch is not None:
                     self._handles.append(
-                        self._watch.register_forward_pre_hook(self._before_forward)
+                        self._watch.register_forward_pre_hook(_ForwardWatch(self))
                     )
             else:
                 self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
@@ -251,9 +252,6 @@ class ParameterTransform(GradientTransform):
             self._param_handles.pop(name).remove()
             self._param_handles[name] = self._hook_gradient(name, new)
 
-    def _before_forward(self, _module: nn.Module, _args: Any) -> None:
-        self.sync_parameters()
-
     # -- update mode ----------------------------------------------------------------------
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
@@ -278,6 +276,36 @@ class ParameterTransform(GradientTransform):
         for name, before in zip(names, old, strict=True):
             p = self._params[name]
             p.copy_(before + self.apply(name, p - before))
+
+
+class _ForwardWatch:
+    """The forward pre-hook that follows replaced parameters (see ``sync_parameters``).
+
+    It holds the transform weakly, and a copy of the model (``copy.deepcopy``, e.g. for an EMA,
+    or pickling) gets a no-op hook in its place: the copy's parameters are not the transform's.
+    """
+
+    def __init__(self, transform: ParameterTransform) -> None:
+        self._transform = weakref.ref(transform)
+
+    def __call__(self, _module: nn.Module, _args: Any) -> None:
+        transform = self._transform()
+        if transform is not None:
+            transform.sync_parameters()
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return _unwatched
+
+    def __reduce__(self) -> tuple:
+        return (_no_watch, ())
+
+
+def _unwatched(_module: nn.Module, _args: Any) -> None:
+    """What a copied model holds in place of a :class:`_ForwardWatch`."""
+
+
+def _no_watch() -> Any:
+    return _unwatched
 
 
 def _holds(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:

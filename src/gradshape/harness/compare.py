@@ -2,7 +2,8 @@
 
 Layout of ``out_dir``::
 
-    runs/<method>-seed<k>/   checkpoint.pt, run.json      one folder per run
+    config.yaml              the comparison's settings: a config file for gradshape compare
+    runs/<method>-seed<k>/   config.yaml, checkpoint.pt, run.json      one folder per run
     results.json             list of the runs' records (see train.train_run)
     results.csv              one row per run: method, seed, k, accuracies, seconds, params
     report.md, summary.json, plots/*.png                  see report.write_report
@@ -13,6 +14,13 @@ taken seed by seed.  Runs go seed by seed (all methods for the first seed, then 
 an interrupted comparison already holds complete pairs.  With ``jobs > 1`` that many runs train
 side by side in worker processes (each run's arithmetic is unchanged: a run is a function of its
 config alone), taken in the same order.
+
+``config.yaml`` holds the shared settings (the :class:`~.config.RunConfig` without ``method``)
+with ``methods`` and ``seeds``: ``gradshape compare --config <folder>/config.yaml --out NEW``
+trains the same comparison again.  With ``resume`` a comparison whose ``config.yaml`` holds
+other shared settings is refused before anything trains (the message names the keys); methods
+and seeds may change (a resumed comparison may add seeds or methods), and each run is checked
+against its own folder's ``config.yaml`` as well.
 """
 
 from __future__ import annotations
@@ -28,13 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from ..distributed import fail_together, rank_and_world
-from .config import RunConfig
+from .config import CONFIG_FILE, RunConfig, load_config_file, write_config_file
 from .launch import is_main_process
 from .methods import parse_method
 from .report import write_report
-from .train import CHECKPOINT, RUN_RECORD, RunExistsError, train_run
+from .tracking import check_logger
+from .train import CHECKPOINT, RUN_RECORD, RunExistsError, _check_same_settings, train_run
 
-__all__ = ["CSV_COLUMNS", "compare", "expand_k", "run_name"]
+__all__ = ["CSV_COLUMNS", "compare", "comparison_config", "expand_k", "run_name"]
 
 RESULTS = "results.json"
 RESULTS_CSV = "results.csv"
@@ -73,6 +82,28 @@ def expand_k(methods: Sequence[str], ks: Sequence[float]) -> list[str]:
         else:
             out.append(m)
     return out
+
+
+def comparison_config(
+    cfg: RunConfig, methods: Sequence[str], seeds: Sequence[int]
+) -> dict[str, Any]:
+    """The content of a comparison's ``config.yaml``: ``cfg`` without ``method`` (each run's
+    is one of ``methods``), then ``methods`` and ``seeds``; the keys of a ``gradshape compare``
+    config file."""
+    shared = cfg.to_dict()
+    del shared["method"]
+    return {**shared, "methods": list(methods), "seeds": list(seeds)}
+
+
+def _check_comparison(out_dir: Path, cfg: RunConfig) -> None:
+    """Refuse to resume a comparison whose config.yaml holds other shared settings."""
+    path = out_dir / CONFIG_FILE
+    if not path.exists():
+        return  # a comparison made before config.yaml: each run is checked on its own
+    saved = load_config_file(path)
+    shared = {k: v for k, v in saved.items() if k not in ("methods", "seeds")}
+    # method and seed are each run's own; they never differ from the comparison's
+    _check_same_settings({**shared, "method": cfg.method, "seed": cfg.seed}, cfg, path)
 
 
 def _check_inputs(methods: Sequence[str], seeds: Sequence[int]) -> None:
@@ -129,12 +160,13 @@ def compare(
     progress: bool = True,
     report: bool = True,
     jobs: int = 1,
+    logger: str | None = None,
 ) -> list[dict[str, Any]]:
     """Train every method with every seed and write the comparison folder.
 
     Args:
         cfg: the settings shared by all runs (its ``method`` and ``seed`` are replaced).
-        methods: method specs (see :mod:`~gradshape.experiments.methods`).
+        methods: method specs (see :mod:`~gradshape.harness.methods`).
         seeds: the seeds; every method runs with each.
         out_dir: the comparison folder.
         overwrite: delete this comparison's existing run folders and results first.
@@ -144,6 +176,7 @@ def compare(
         jobs: runs trained at once, each in its own process (give each process its share of
             the cores, e.g. ``OMP_NUM_THREADS=1`` with ``jobs=2`` on 2 cores).  Must be 1 under
             ``torchrun``.
+        logger: live tracking of every run (see :func:`~.train.train_run`).
 
     Returns the list of run records in the order of the plan, as written to ``results.json``
     (with ``jobs > 1``, rewritten as runs finish, holding the finished ones).
@@ -152,13 +185,17 @@ def compare(
         raise ValueError("compare: overwrite and resume exclude each other: pick one")
     methods, seeds = list(methods), list(seeds)
     _check_inputs(methods, seeds)
+    check_logger(logger)
     out_dir = Path(out_dir)
     plan = [(m, s) for s in seeds for m in methods]
     main = is_main_process()
     with fail_together("compare: claiming the output folder"):
         if main:
             names = [run_name(m, s) for m, s in plan]
+            if resume:
+                _check_comparison(out_dir, cfg)
             _claim_folder(out_dir, names, overwrite=overwrite, resume=resume)
+            write_config_file(out_dir / CONFIG_FILE, comparison_config(cfg, methods, seeds))
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"compare: jobs must be an int >= 1, got {jobs!r}")
     if jobs > 1 and rank_and_world()[1] > 1:
@@ -172,18 +209,24 @@ def compare(
     if jobs == 1:
         records: list[dict[str, Any]] = []
         for run_cfg, run_dir, again in runs:
-            records.append(train_run(run_cfg, run_dir, resume=again, progress=progress))
+            records.append(
+                train_run(run_cfg, run_dir, resume=again, progress=progress, logger=logger)
+            )
             if main:
                 _write_results(out_dir, records)
     else:
-        records = _run_in_parallel(runs, out_dir, jobs, progress)
+        records = _run_in_parallel(runs, out_dir, jobs, progress, logger)
     if report and main:
         write_report(out_dir)
     return records
 
 
 def _run_in_parallel(
-    runs: list[tuple[RunConfig, Path, bool]], out_dir: Path, jobs: int, progress: bool
+    runs: list[tuple[RunConfig, Path, bool]],
+    out_dir: Path,
+    jobs: int,
+    progress: bool,
+    logger: str | None,
 ) -> list[dict[str, Any]]:
     """Train ``runs`` in ``jobs`` worker processes; results.json grows as they finish.
 
@@ -194,7 +237,7 @@ def _run_in_parallel(
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {
-            pool.submit(train_run, c, d, resume=again, progress=progress): i
+            pool.submit(train_run, c, d, resume=again, progress=progress, logger=logger): i
             for i, (c, d, again) in enumerate(runs)
         }
         pending = set(futures)

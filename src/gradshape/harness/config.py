@@ -1,6 +1,6 @@
 """The typed configuration of one training run, and its round trip through plain dicts.
 
-A :class:`RunConfig` is everything :func:`gradshape.experiments.train.train_run` needs; it is
+A :class:`RunConfig` is everything :func:`gradshape.harness.train.train_run` needs; it is
 saved verbatim in every ``run.json`` and ``results.json`` record, so a result can always be
 traced to its settings.  Sections group the flags of the ``gradshape`` CLI:
 
@@ -11,6 +11,13 @@ traced to its settings.  Sections group the flags of the ``gradshape`` CLI:
   :class:`ReparamConfig`, :class:`BranchConfig`, :class:`DyRepConfig`, :class:`RepOptConfig`:
   the settings of each method (used only when the method asks).
 
+The classes are the one source of every setting's name, type, default and help text: the
+``gradshape`` command line and its config files are generated from them (see
+:mod:`gradshape.cli`), with the ``Attributes`` of each docstring as the help.  A setting with a
+fixed set of values is typed ``Literal[...]``; those values are also what ``__post_init__``
+accepts.  :func:`dump_yaml` and :func:`load_config_file` write and read the ``config.yaml`` of
+a run or comparison folder.
+
 Defaults follow the SGS paper's CIFAR setting where it gives one (SGD, momentum 0.9, lr 0.1,
 batch 128, cosine schedule, k = 5, refresh after 1 warm-up epoch then every 30 from 20 batches).
 """
@@ -18,12 +25,20 @@ batch 128, cosine schedule, k = 5, refresh after 1 warm-up epoch then every 30 f
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
+
+from .data import DATASETS
+from .models import MODELS
 
 __all__ = [
+    "CONFIG_FILE",
     "OPTIMIZERS",
     "BranchConfig",
     "CDGConfig",
@@ -38,10 +53,19 @@ __all__ = [
     "RunConfig",
     "SGSConfig",
     "apply_override",
+    "dump_yaml",
+    "load_config_file",
+    "write_config_file",
 ]
 
+#: The settings of a run or comparison folder, as YAML (see :func:`write_config_file`).
+CONFIG_FILE = "config.yaml"
+# The names a Literal field accepts come from the registries that build them.
+DatasetName = Literal[DATASETS]  # type: ignore[valid-type]
+ModelName = Literal[MODELS]  # type: ignore[valid-type]
+OptimizerName = Literal["sgd", "adam", "adamw", "adagrad", "rmsprop"]
 #: Optimizers the harness builds by name.
-OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
+OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
 
 
 def _fail(section: str, name: str, value: Any, expected: str) -> None:
@@ -70,27 +94,44 @@ def _check_real(
         _fail(section, name, value, f"a real number in {bracket}{low}, {high}]")
 
 
-def _check_choice(section: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(section, name, value, f"one of {choices}")
+@functools.cache
+def _literal_fields(cls: type) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """``(field, allowed values)`` of every ``Literal``-typed field of dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (f.name, typing.get_args(hints[f.name]))
+        for f in dataclasses.fields(cls)
+        if typing.get_origin(hints[f.name]) is Literal
+    )
+
+
+def _check_choices(obj: Any, section: str) -> None:
+    """Every ``Literal`` field of ``obj`` holds one of its values."""
+    for name, choices in _literal_fields(type(obj)):
+        value = getattr(obj, name)
+        if value not in choices:
+            _fail(section, name, value, f"one of {choices}")
 
 
 @dataclass
 class DataConfig:
-    """Data set and loading (see :func:`gradshape.experiments.data.load_dataset`).
+    """Data set and loading (see :func:`gradshape.harness.data.load_dataset`).
 
     Attributes:
-        dataset: a name of :data:`gradshape.experiments.data.DATASETS`.
-        path: the data set's folder (``None``: the data set's default location).
+        dataset: the data set (the names of :data:`gradshape.harness.data.DATASETS`).
+        path: the data set's folder (``None``: the data set's usual place, e.g.
+            ``/usr/share/datasets/fashion-mnist``).
         subset: train on the first ``subset`` training images only (``None``: all).
-        pad_to: zero-pad images to this side length (e.g. 32 for 28×28 Fashion-MNIST).
-        val_fraction: fraction of the training set held out as a validation split.
-        image_size: side length image folders are resized/cropped to (``imagefolder`` only).
+        pad_to: zero-pad images to this side length (e.g. 32 for 28×28 Fashion-MNIST;
+            ``None``: no padding).
+        val_fraction: fraction of the training set held out as a validation split (0: none).
+        image_size: side length image folders are resized and cropped to (``imagefolder``
+            only).
         augment: the data set's standard training augmentation.
         num_workers: DataLoader worker processes.
     """
 
-    dataset: str = "fashion-mnist"
+    dataset: DatasetName = "fashion-mnist"
     path: str | None = None
     subset: int | None = None
     pad_to: int | None = None
@@ -100,8 +141,7 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.dataset, str) or not self.dataset:
-            _fail("data", "dataset", self.dataset, "a data set name")
+        _check_choices(self, "data")
         if self.subset is not None:
             _check_int("data", "subset", self.subset, 1)
         if self.pad_to is not None:
@@ -113,21 +153,20 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Architecture (see :func:`gradshape.experiments.models.create_model`).
+    """Architecture (see :func:`gradshape.harness.models.create_model`).
 
     Attributes:
-        name: a name of :data:`gradshape.experiments.models.MODELS`.
+        name: the architecture (the names of :data:`gradshape.harness.models.MODELS`).
         width: channel width multiplier.
         drop_last_pool: drop the last pooling stage (deep convs then see larger maps).
     """
 
-    name: str = "vgg11"
+    name: ModelName = "vgg11"
     width: float = 1.0
     drop_last_pool: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            _fail("model", "name", self.name, "a model name")
+        _check_choices(self, "model")
         _check_real("model", "width", self.width, 0.0, open_low=True)
 
 
@@ -139,17 +178,17 @@ class OptimConfig:
     ``lr·(1 + cos(π (t − W)/(T − W)))/2`` after it (cosine annealing to 0, stepped per batch).
 
     Attributes:
-        name: one of :data:`OPTIMIZERS`.
+        name: the optimizer (SGD and RMSprop use ``momentum``).
         epochs: training epochs.
-        batch_size: images per training batch.
-        lr: peak learning rate.
+        batch_size: images per training batch (the global batch under torchrun).
+        lr: peak learning rate, reached after the warm-up; cosine decay to 0 after it.
         momentum: SGD momentum (also RMSprop's).
         weight_decay: L2 penalty (decoupled for AdamW, inside the gradient otherwise).
         warmup_epochs: epochs of linear learning-rate warm-up (may be fractional).
         label_smoothing: cross-entropy label smoothing in [0, 1).
     """
 
-    name: str = "sgd"
+    name: OptimizerName = "sgd"
     epochs: int = 30
     batch_size: int = 128
     lr: float = 0.1
@@ -159,7 +198,7 @@ class OptimConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_choice("optim", "name", self.name, OPTIMIZERS)
+        _check_choices(self, "optim")
         _check_int("optim", "epochs", self.epochs, 1)
         _check_int("optim", "batch_size", self.batch_size, 1)
         _check_real("optim", "lr", self.lr, 0.0, open_low=True)
@@ -171,46 +210,56 @@ class OptimConfig:
 
 @dataclass
 class SGSConfig:
-    """Spatial Gradient Scaling settings (see :class:`gradshape.SpatialGradientScaling`).
+    """Spatial Gradient Scaling (methods sgs, sgs-autocorr).
+
+    See :class:`gradshape.SpatialGradientScaling`.  The refresh schedule
+    (:class:`gradshape.RefreshSchedule`) measures G after
+    ``refresh_warmup`` epochs and then again every ``refresh_every`` epochs; a
+    ``refresh_every`` beyond the last epoch freezes G after its first measurement.
 
     Attributes:
         k: the k-transform's parameter (paper Eq. 8).
-        measure: ``"nmi"`` or ``"autocorrelation"`` (the ``sgs-autocorr`` method forces the
-            latter).
-        mode: ``"gradient"`` (scale the gradient) or ``"update"`` (scale the optimizer's step,
-            the paper's Adagrad*; for adaptive optimizers).
-        refresh_warmup, refresh_every, refresh_batches, refresh_align: the refresh schedule
-            (:class:`gradshape.RefreshSchedule`); ``refresh_align="paper"`` refreshes at the
-            warm-up epoch and then at every epoch divisible by ``refresh_every`` (the authors'
-            code), ``"warmup"`` every ``refresh_every`` epochs counted from the warm-up.  A
-            ``refresh_every`` beyond the last epoch freezes G after its first measurement.
-        diag_removal: drop zero pairs before histogramming (paper's ImageNet setting).
+        measure: the spatial dependence measure (the ``sgs-autocorr`` method forces
+            ``autocorrelation``).
+        mode: ``gradient`` scales the gradient; ``update`` scales the optimizer's step (the
+            paper's Adagrad*, for adaptive optimizers).
+        refresh_warmup: epochs with G = 1 before the first refresh.
+        refresh_every: epochs between refreshes (the paper's CIFAR setting is 30 for 600
+            epochs: lower it for short runs).
+        refresh_batches: random training batches each refresh measures.
+        refresh_align: ``paper`` refreshes at the warm-up epoch and then at every epoch
+            divisible by ``refresh_every`` (the authors' code); ``warmup`` every
+            ``refresh_every`` epochs counted from the warm-up.
+        diag_removal: drop zero pixel pairs before the histogram (the paper's ImageNet
+            setting).
     """
 
     k: float = 5.0
-    measure: str = "nmi"
-    mode: str = "gradient"
+    measure: Literal["nmi", "autocorrelation"] = "nmi"
+    mode: Literal["gradient", "update"] = "gradient"
     refresh_warmup: int = 1
     refresh_every: int = 30
     refresh_batches: int = 20
-    refresh_align: str = "paper"
+    refresh_align: Literal["paper", "warmup"] = "paper"
     diag_removal: bool = False
 
     def __post_init__(self) -> None:
+        _check_choices(self, "sgs")
         _check_real("sgs", "k", self.k, 0.0, open_low=True)
-        _check_choice("sgs", "measure", self.measure, ("nmi", "autocorrelation"))
-        _check_choice("sgs", "mode", self.mode, ("gradient", "update"))
         _check_int("sgs", "refresh_warmup", self.refresh_warmup, 0)
         _check_int("sgs", "refresh_every", self.refresh_every, 1)
         _check_int("sgs", "refresh_batches", self.refresh_batches, 1)
-        _check_choice("sgs", "refresh_align", self.refresh_align, ("paper", "warmup"))
 
 
 @dataclass
 class GridConfig:
-    """The paper's parametric 3×3 scaling (:func:`gradshape.grid_scaling`) for every 3×3 conv.
+    """The paper's parametric 3×3 G for every 3×3 conv (method grid).
 
-    Defaults give ACB's ratios (centre/edge 1.5, centre/corner 3).
+    See :func:`gradshape.grid_scaling`.
+
+    Attributes:
+        alpha: centre/edge ratio of G (the default is ACB's).
+        beta: centre/corner ratio of G (the default is ACB's).
     """
 
     alpha: float = 1.5
@@ -223,18 +272,20 @@ class GridConfig:
 
 @dataclass
 class CDGConfig:
-    """Channel-Directed Gradients metric ``M = P + a(I − P) + λ(−Δ)`` (``smoothing`` = λ).
+    """Channel-Directed Gradients (method cdg): the metric ``M = P + a(I − P) + λ(−Δ)``.
 
-    ``axis`` is the weight direction the metric couples: ``"output"`` (the paper's),
-    ``"input"`` or ``"spatial"``.
+    Attributes:
+        a: weight of the zero-mean part ``I − P``.
+        smoothing: the Sobolev smoothing λ.
+        axis: the weight direction the metric couples (``output`` is the paper's).
     """
 
     a: float = 1.0
     smoothing: float = 1.0
-    axis: str = "output"
+    axis: Literal["output", "input", "spatial"] = "output"
 
     def __post_init__(self) -> None:
-        _check_choice("cdg", "axis", self.axis, ("output", "input", "spatial"))
+        _check_choices(self, "cdg")
         _check_real("cdg", "a", self.a, 0.0)
         _check_real("cdg", "smoothing", self.smoothing, 0.0)
         if self.a + self.smoothing <= 0:
@@ -243,7 +294,11 @@ class CDGConfig:
 
 @dataclass
 class PGTConfig:
-    """PowerGrad Transform power α (backward uses softmax(α z))."""
+    """PowerGrad Transform (method pgt).
+
+    Attributes:
+        alpha: the power α in (0, 1]: the backward pass uses softmax(α z).
+    """
 
     alpha: float = 0.25
 
@@ -253,48 +308,62 @@ class PGTConfig:
 
 @dataclass
 class ReparamConfig:
-    """Structural baselines: where the BatchNorm sits (see :func:`gradshape.reparam.convert`)."""
+    """Structural methods acb, repvgg, dbb (see :func:`gradshape.reparam.convert`).
 
-    bn: str = "per_branch"
+    Attributes:
+        bn: ``per_branch``: a BatchNorm per branch (the papers'); ``after_sum``: one after the
+            branch sum (Lemma 1's form).
+    """
+
+    bn: Literal["per_branch", "after_sum"] = "per_branch"
 
     def __post_init__(self) -> None:
-        _check_choice("reparam", "bn", self.bn, ("per_branch", "after_sum"))
+        _check_choices(self, "reparam")
 
 
 @dataclass
 class BranchConfig:
-    """Fixed Lemma-1 scalings: ``kind`` names the structure whose ``G = Σ masks`` is applied
-    (not normalised) by the ``branch`` method (see :func:`gradshape.branch_scaling`)."""
+    """Fixed Lemma-1 scalings (method branch; see :func:`gradshape.branch_scaling`).
 
-    kind: str = "acb"
+    Attributes:
+        kind: the structure whose ``G = Σ masks`` is applied, not normalised.
+    """
+
+    kind: Literal["acb", "repvgg", "dbb"] = "acb"
 
     def __post_init__(self) -> None:
-        _check_choice("branch", "kind", self.kind, ("acb", "repvgg", "dbb"))
+        _check_choices(self, "branch")
 
 
 @dataclass
 class DyRepConfig:
-    """DyRep (see :class:`gradshape.reparam.DyRep`): grow the most salient conv after every
-    ``interval``-th epoch while ``epoch < max_adjust``, cut weak branches.
+    """DyRep (method dyrep; see :class:`gradshape.reparam.DyRep`).
 
-    Defaults scale DyRep's ImageNet schedule (every 5 epochs, adjusting for the first 100 of
-    120) to this harness's 30 epochs.  ``metric`` is the saliency (``synflow``, ``grad_norm``,
-    ``snip``, ``random``); ``threshold`` and ``min_std`` are the pruning rule's constants;
-    ``recal_batches`` training batches (drawn under the run's seed) re-estimate a new block's
-    BatchNorms (0: none).
+    Grows the most salient conv after every ``interval``-th epoch while ``epoch < max_adjust``
+    and cuts weak branches.  The defaults scale DyRep's ImageNet schedule (every 5 epochs,
+    adjusting for the first 100 of 120) to this harness's 30 epochs.
+
+    Attributes:
+        interval: epochs between structure adjustments.
+        max_adjust: no adjustment from this epoch on.
+        metric: the saliency that picks the conv to grow.
+        threshold: the pruning rule's threshold on a branch's BatchNorm scale.
+        min_std: the pruning rule's minimum standard deviation.
+        recal_batches: training batches (drawn under the run's seed) that re-estimate a new
+            block's BatchNorms (0: none).
     """
 
     interval: int = 5
     max_adjust: int = 25
-    metric: str = "synflow"
+    metric: Literal["synflow", "grad_norm", "snip", "random"] = "synflow"
     threshold: float = 0.1
     min_std: float = 0.02
     recal_batches: int = 20
 
     def __post_init__(self) -> None:
+        _check_choices(self, "dyrep")
         _check_int("dyrep", "interval", self.interval, 1)
         _check_int("dyrep", "max_adjust", self.max_adjust, 0)
-        _check_choice("dyrep", "metric", self.metric, ("synflow", "grad_norm", "snip", "random"))
         _check_real("dyrep", "threshold", self.threshold, 0.0)
         _check_real("dyrep", "min_std", self.min_std, 0.0)
         _check_int("dyrep", "recal_batches", self.recal_batches, 0)
@@ -302,29 +371,30 @@ class DyRepConfig:
 
 @dataclass
 class RepOptConfig:
-    """RepOptimizers (see :mod:`gradshape.reparam.repopt`): a hyper-search run of the CSLA
-    model (method ``repopt-hs``), then the target run with the derived multipliers.
+    """RepOptimizers (methods repopt, repopt-hs; see :mod:`gradshape.reparam.repopt`).
+
+    ``repopt`` runs a hyper-search of the CSLA model (method ``repopt-hs``) first, then the
+    target run with the multipliers derived from it.
 
     Attributes:
         search_epochs: epochs of the hyper-search run (0: half the target run's, at least 1).
         search_clip: gradient-norm clip of the hyper-search run (the authors' 5; 0: none).
-        scale_init: the hyper-search scales' start, ``"stage"`` (RepOpt-VGG's) or ``"ones"``.
-        identity: the target's initial diagonal, the trained ``u`` (``"trained"``) or 1.
+        scale_init: the hyper-search scales' start, ``stage`` (RepOpt-VGG's) or ``ones``.
+        identity: the target's initial diagonal: the trained ``u`` or 1.
         scales: a scales file of an earlier ``repopt-hs`` run; empty: ``repopt`` runs the
             hyper-search itself, in ``<run folder>/search``.
     """
 
     search_epochs: int = 0
     search_clip: float = 5.0
-    scale_init: str = "stage"
-    identity: str = "trained"
+    scale_init: Literal["stage", "ones"] = "stage"
+    identity: Literal["trained", "one"] = "trained"
     scales: str = ""
 
     def __post_init__(self) -> None:
+        _check_choices(self, "repopt")
         _check_int("repopt", "search_epochs", self.search_epochs, 0)
         _check_real("repopt", "search_clip", self.search_clip, 0.0)
-        _check_choice("repopt", "scale_init", self.scale_init, ("stage", "ones"))
-        _check_choice("repopt", "identity", self.identity, ("trained", "one"))
         if not isinstance(self.scales, str):
             _fail("repopt", "scales", self.scales, "a file path or ''")
 
@@ -346,13 +416,15 @@ _SECTIONS: dict[str, type] = {
 
 @dataclass
 class RunConfig:
-    """One run: a method (see :mod:`gradshape.experiments.methods`), a seed, and every section.
+    """One run: a method (see :mod:`gradshape.harness.methods`), a seed, and every section.
 
     Attributes:
-        method: a method spec, e.g. ``"baseline"``, ``"sgs"``, ``"sgs+cdg"``, ``"sgs@k=3"``.
+        method: a method spec, e.g. ``baseline``, ``sgs``, ``sgs+cdg``, ``sgs@k=3`` (the
+            methods are listed below).
         seed: seeds weight initialisation, data order, augmentation and refresh batches.
-        device: ``"auto"`` (CUDA when available, else CPU) or a torch device string.
-        amp: mixed precision (float16 autocast + GradScaler); ``None`` = on for CUDA only.
+        device: ``auto`` (CUDA when available, else CPU) or a torch device string (``cpu``,
+            ``cuda``, ``cuda:1``, ...).
+        amp: float16 mixed precision with a GradScaler (``None``: on for CUDA only).
         eval_every: evaluate the validation and test splits after every ``eval_every``-th
             epoch and always after the last (``0``: after the last only).  Evaluation draws no
             random numbers, so it never changes what is trained.
@@ -458,3 +530,52 @@ def apply_override(cfg: RunConfig, key: str, raw: str, prefer: Sequence[str] = (
             f"method override {key}={raw!r}: expected a {type(old).__name__}"
         ) from None
     return dataclasses.replace(cfg, **{section: dataclasses.replace(current, **{name: value})})
+
+
+def dump_yaml(data: Mapping[str, Any]) -> str:
+    """``data`` (a config as nested dicts of plain values) as YAML text, keys in their order.
+
+    Without PyYAML (an optional dependency, installed with ``gradshape[cli]``) the text is
+    indented JSON, which is YAML too.
+    """
+    try:
+        import yaml
+    except ImportError:
+        return json.dumps(data, indent=2) + "\n"
+    return yaml.safe_dump(dict(data), sort_keys=False, allow_unicode=True)
+
+
+def write_config_file(path: str | Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` to ``path`` as YAML (:func:`dump_yaml`), atomically: a reader sees the old
+    file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(dump_yaml(data))
+    tmp.replace(path)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in the YAML (or JSON) file ``path``.
+
+    JSON is tried first, so a file :func:`dump_yaml` wrote without PyYAML reads back exactly
+    (YAML 1.1 would read ``1e-05`` as a string).  Raises ``ValueError`` naming the file when it
+    is not a mapping or cannot be parsed, and when it is YAML and PyYAML is missing.
+    """
+    path = Path(path)
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(
+                f"{path}: reading YAML needs PyYAML: pip install 'gradshape[cli]'"
+            ) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
+    return data

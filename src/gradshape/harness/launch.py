@@ -5,7 +5,7 @@ in their environment.  :func:`process_group` turns that into an initialised defa
 group (NCCL when the run uses CUDA, gloo on the CPU) for the duration of the command and tears
 it down afterwards; outside ``torchrun`` (or with ``WORLD_SIZE=1``) it does nothing.
 
-What the harness does under a process group (see :func:`gradshape.experiments.train.train_run`):
+What the harness does under a process group (see :func:`gradshape.harness.train.train_run`):
 
 * ``optim.batch_size`` stays the *global* batch: each of the N ranks trains on
   ``batch_size / N`` images per step (so it must divide), drawn by a ``DistributedSampler``

@@ -8,7 +8,7 @@ Parts joined by ``+`` are built in a fixed pipeline: the structural conversion (
 first, then the optimizer on the (converted) model, then the gradient transforms and the loss
 transform in the order written, composed with :func:`gradshape.compose` (so ``sgs+cdg`` scales
 by G first and then smooths across output channels).  Each ``@key=value`` replaces one method
-setting of the :class:`~gradshape.experiments.config.RunConfig` (``key`` is ``section.field``,
+setting of the :class:`~gradshape.harness.config.RunConfig` (``key`` is ``section.field``,
 or a field name found in one method section only: ``k`` means ``sgs.k``).
 
 Each :class:`MethodInfo` carries flags (``needs_refresh``, ``structural``, ``loss_transform``,

@@ -3,8 +3,9 @@
 :func:`write_report` writes into the comparison folder
 
 * ``summary.json``: per method the statistics below, as numbers (accuracies as fractions);
-* ``report.md``: the main table, the fit/gap table, the settings, the learned G per layer and
-  links to the plots;
+* ``report.md``: the settings, the main table, the fit/gap table, the learned G per layer,
+  links to the plots and, when the comparison wrote a ``config.yaml``, that config (the
+  settings are read from it; from the first run's record for folders made before it);
 * ``plots/*.png`` (when matplotlib is installed): learning curves (``accuracy.png``), the
   paired differences to the baseline, one point per seed (``paired_differences.png``), the
   learned G of the first, middle and last scaled layer at each refresh (paper Fig. 4/5), the
@@ -35,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import CONFIG_FILE, dump_yaml, load_config_file
+
 __all__ = [
     "BASELINE",
     "chosen_layers",
@@ -56,6 +59,7 @@ __all__ = [
 
 #: The method paired differences and time ratios are taken against.
 BASELINE = "baseline"
+
 
 # Two-sided 95 % quantiles t_{0.975, df} of Student's t for df = 1..30.
 _T975 = (
@@ -296,8 +300,8 @@ def scalings_text(records: list[dict[str, Any]]) -> str:
     return "\n".join(blocks)
 
 
-def _settings_text(records: list[dict[str, Any]]) -> str:
-    c = records[0]["config"]
+def _settings_text(records: list[dict[str, Any]], config: dict[str, Any] | None) -> str:
+    c = config if config is not None else records[0]["config"]
     d, m, o = c["data"], c["model"], c["optim"]
     return (
         f"data {d['dataset']} (subset {d['subset'] or 'all'}, pad to {d['pad_to'] or '–'}, "
@@ -773,6 +777,8 @@ def write_report(out_dir: str | Path, records: list[dict[str, Any]] | None = Non
     elif not records:
         raise ValueError(f"write_report: no records given for {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / CONFIG_FILE
+    config = load_config_file(config_path) if config_path.is_file() else None
     summary = summarize_records(records)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     try:
@@ -784,7 +790,7 @@ def write_report(out_dir: str | Path, records: list[dict[str, Any]] | None = Non
     lines = [
         "# gradshape comparison",
         "",
-        _settings_text(records),
+        _settings_text(records, config),
         "",
         table(summary),
         "",
@@ -808,6 +814,16 @@ def write_report(out_dir: str | Path, records: list[dict[str, Any]] | None = Non
         lines += ["## Learned spatial gradient scalings", "", text, ""]
     lines += ["## Plots", "", plot_note]
     lines += [f"![{caption}]({rel})\n" for caption, rel in plots]
+    if config is not None:
+        lines += [
+            "## Configuration",
+            "",
+            f"`{CONFIG_FILE}` of this comparison; `gradshape compare --config {CONFIG_FILE} "
+            "--out NEW_FOLDER` trains it again.",
+            "",
+            f"```yaml\n{dump_yaml(config).rstrip()}\n```",
+            "",
+        ]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -7,8 +7,13 @@
   the same weights and history, bit for bit, as a run that was never interrupted (on CPU;
   CUDA kernels are run in cuDNN's deterministic mode but not every GPU op is deterministic);
 * ``run.json``: the run's record (see :func:`train_run`), the unit that
-  :mod:`~gradshape.experiments.compare` aggregates and :mod:`~gradshape.experiments.report`
-  reads.
+  :mod:`~gradshape.harness.compare` aggregates and :mod:`~gradshape.harness.report`
+  reads;
+* ``config.yaml``: the run's settings (its :class:`~gradshape.harness.config.RunConfig`
+  after the method spec's overrides), written atomically before training; ``gradshape train
+  --config <run folder>/config.yaml`` trains the same run again, and ``resume=True`` refuses a
+  config that differs from it (folders made before config.yaml existed are checked against
+  ``run.json`` or the checkpoint instead).
 """
 
 from __future__ import annotations
@@ -32,11 +37,18 @@ from torch import nn
 from .. import reparam
 from ..distributed import all_reduce_, fail_together, rank_and_world
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import RunConfig, apply_override
+from .config import (
+    CONFIG_FILE,
+    RunConfig,
+    apply_override,
+    load_config_file,
+    write_config_file,
+)
 from .data import load_dataset, make_loader, without_augmentation
 from .launch import check_in_sync, device_for_rank, is_main_process
 from .methods import MethodInfo, MethodState, SearchStage, build_method, resolve_method
 from .models import create_model
+from .tracking import check_logger, open_tracker
 
 __all__ = [
     "RunExistsError",
@@ -374,8 +386,23 @@ def _check_same_settings(saved: dict[str, Any], cfg: RunConfig, source: Path) ->
     if diffs:
         raise ValueError(
             f"cannot resume from {source}: it was started with different settings ({diffs}); "
-            "use the same flags, or --overwrite to start over"
+            "use the same settings, or --overwrite to start over"
         )
+
+
+def _saved_config(out_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """The settings a run folder was started with, and the file they come from: config.yaml,
+    else (folders made before it existed) run.json's or the checkpoint's; None if none."""
+    path = out_dir / CONFIG_FILE
+    if path.exists():
+        return load_config_file(path), path
+    path = out_dir / RUN_RECORD
+    if path.exists():
+        return json.loads(path.read_text())["config"], path
+    path = out_dir / CHECKPOINT
+    if path.exists():
+        return load_checkpoint(path)["config"], path
+    return None
 
 
 def _scaling_record(method: MethodState) -> dict[str, Any] | None:
@@ -405,6 +432,7 @@ def train_run(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    logger: str | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg.method`` once and return its record (also written to ``out_dir/run.json``).
 
@@ -439,7 +467,7 @@ def train_run(
     DistributedDataParallel.
 
     Under ``torchrun`` (a default process group with N > 1 ranks; see
-    :mod:`~gradshape.experiments.launch`) the model is wrapped in ``DistributedDataParallel``,
+    :mod:`~gradshape.harness.launch`) the model is wrapped in ``DistributedDataParallel``,
     each rank trains on its ``DistributedSampler`` share of every global batch, the history's
     loss and accuracy are the all-ranks figures, and rank 0 alone writes files and progress.
 
@@ -449,22 +477,34 @@ def train_run(
         resume: continue from ``out_dir/checkpoint.pt`` (a finished run returns its record).
         overwrite: replace a run already in ``out_dir``.
         progress: show a progress bar (tqdm, if installed) or a line per epoch on stderr.
+        logger: ``"tensorboard"``: write per-epoch scalars and the G heatmaps to
+            ``out_dir/tensorboard`` while training (see :mod:`~.tracking`); ``None``: no
+            tracking.
+
+    Raises ``ValueError`` when ``resume`` finds the folder started with other settings (the
+    message names the differing keys), :class:`RunExistsError` for a used folder without
+    ``resume`` or ``overwrite``.
     """
     out_dir = Path(out_dir)
     main = is_main_process()
     record_path, ckpt_path = out_dir / RUN_RECORD, out_dir / CHECKPOINT
     with fail_together("train_run: setting up the run"):
+        check_logger(logger)
         parts, cfg = resolve_method(cfg)
         if main:
             prepare_run_dir(out_dir, resume=resume, overwrite=overwrite)
+            saved = _saved_config(out_dir) if resume else None
+            if saved is not None:
+                _check_same_settings(saved[0], cfg, saved[1])
+            write_config_file(out_dir / CONFIG_FILE, cfg.to_dict())
     if resume and record_path.exists():
-        record = json.loads(record_path.read_text())
-        _check_same_settings(record["config"], cfg, record_path)
-        return record
+        return json.loads(record_path.read_text())
     search = next((p.search for p in parts if p.search is not None), None)
     search_record = None
     if search is not None and not _setting(cfg, search.config_key):
-        cfg, search_record = _search_stage(cfg, search, out_dir, resume, overwrite, progress)
+        cfg, search_record = _search_stage(
+            cfg, search, out_dir, resume, overwrite, progress, logger
+        )
     device = device_for_rank(resolve_device(cfg.device))
     amp = device.type == "cuda" if cfg.amp is None else cfg.amp
     if amp and device.type != "cuda":
@@ -473,10 +513,23 @@ def train_run(
         run = _Run(cfg, parts, device, amp, progress and main)
         if resume and ckpt_path.exists():
             run.restore(load_checkpoint(ckpt_path), ckpt_path)
-        for epoch in range(run.next_epoch, cfg.optim.epochs):
-            run.epoch(epoch)
-            if main:
-                save_checkpoint(ckpt_path, run.checkpoint())
+        tracker = open_tracker(logger, out_dir, run.next_epoch + 1) if main else None
+        try:
+            for epoch in range(run.next_epoch, cfg.optim.epochs):
+                refreshing = run.clock["refresh"]
+                run.epoch(epoch)
+                if main:
+                    save_checkpoint(ckpt_path, run.checkpoint())
+                if tracker is not None:
+                    scaling = run.method.scaling
+                    tracker.log_epoch(
+                        run.history[-1],
+                        run.clock["refresh"] - refreshing,
+                        scaling.scalings if scaling is not None else None,
+                    )
+        finally:
+            if tracker is not None:
+                tracker.close()
         record = run.record(out_dir, main)
     if search_record is not None:
         record["search"] = {
@@ -504,6 +557,7 @@ def _search_stage(
     resume: bool,
     overwrite: bool,
     progress: bool,
+    logger: str | None,
 ) -> tuple[RunConfig, dict[str, Any]]:
     """Train ``stage.method`` in ``out_dir/search`` (same data, model, optimizer and seed;
     ``stage.epochs_key`` epochs, or half the run's) and point ``stage.config_key`` at the file
@@ -513,7 +567,9 @@ def _search_stage(
         cfg, method=stage.method, optim=dataclasses.replace(cfg.optim, epochs=epochs)
     )
     folder = out_dir / SEARCH_DIR
-    record = train_run(search_cfg, folder, resume=resume, overwrite=overwrite, progress=progress)
+    record = train_run(
+        search_cfg, folder, resume=resume, overwrite=overwrite, progress=progress, logger=logger
+    )
     return apply_override(cfg, stage.config_key, str(folder / stage.output)), record
 
 
