@@ -9,7 +9,8 @@
 # Parts resume where they stopped (--resume): running the same command again continues an
 # interrupted study; a finished run is never trained again.  Parts run one after another in the
 # order below (the most important first), each running JOBS runs side by side with one thread
-# each; with COMMIT_REPO=<repository> each finished part's folder is committed there.  EPOCHS
+# each; with COMMIT_REPO=<repository> each finished part's folder is committed there.  While a
+# file $OUT/PAUSE exists, the next part waits.  EPOCHS
 # replaces common.yaml's 50 epochs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,8 @@ done
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 for p in "${parts[@]}"; do
+  # a file $OUT/PAUSE holds the next part back (e.g. to benchmark on idle cores in between)
+  while [ -e "$OUT/PAUSE" ]; do sleep 30; done
   mkdir -p "$OUT/$p"
   # shellcheck disable=SC2086  # GS may be a command with arguments
   if $GS compare --config "$CONFIGS/common.yaml" --config "$CONFIGS/$p.yaml" \
