@@ -9,8 +9,12 @@ itself adds at its peak, as the kernel counts resident pages (torch's CPU alloca
 invisible to ``tracemalloc``).
 
 * **gradshape**: ``sgs.maybe_refresh(1, loader)`` with ``RefreshSchedule(batches=B)`` and a
-  ``DataLoader``, the library's own path: batches are drawn and collated one at a time, the
-  two passes stream them, and only O(C·K·B²) numbers per layer are kept between batches.
+  ``DataLoader``, the library's own path: batches are drawn and collated one at a time.  Three
+  settings of ``cache_bytes``: the default (a quarter of the free memory: the layers' inputs of
+  the first forward are kept for the second pass when they fit, so the model runs once), a
+  budget of :data:`BUDGET` bytes (kept until the budget is exceeded, then dropped, and the model
+  runs again), and ``0`` (streaming: two forwards, only O(C·K·B²) numbers per layer are kept
+  between batches).
 * **authors' procedure** (measured): every batch's input to every conv is kept, then the anchor
   (:mod:`.anchor`) runs per layer on the concatenated maps.
 * **authors' kept maps** (computed): B · N · Σ_layers C·(H+2)·(W+2) · 4 bytes, the zero-padded
@@ -31,7 +35,10 @@ import gradshape as gs
 from .anchor import anchor_dependence
 from .common import Images, conv_inputs, current_rss, peak_rss, reset_peak_rss, run_child, vgg
 
-MODES = ("gradshape", "authors")
+MODES = ("cached", "budget", "streaming", "authors")
+#: The cache budget of the ``budget`` setting.
+BUDGET = 256 * 2**20
+_CACHE = {"cached": None, "budget": BUDGET, "streaming": 0}
 
 
 def _authors(model: nn.Module, loader: torch.utils.data.DataLoader) -> None:
@@ -49,23 +56,27 @@ def child(mode: str, batches: int, batch: int, width: float) -> dict:
     model = vgg("vgg16", width)
     data = Images(batches * batch)
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False)
-    sgs = gs.SpatialGradientScaling(model, schedule=gs.RefreshSchedule(batches=batches))
+    sgs = gs.SpatialGradientScaling(
+        model, schedule=gs.RefreshSchedule(batches=batches), cache_bytes=_CACHE.get(mode)
+    )
     sgs.refresh([data[0][0].unsqueeze(0)])  # warm-up
     before = current_rss()
     reset_peak_rss()
     start = time.perf_counter()
-    if mode == "gradshape":
-        sgs.maybe_refresh(1, loader)
-    else:
+    if mode == "authors":
         _authors(model, loader)
+    else:
+        sgs.maybe_refresh(1, loader)
     seconds = time.perf_counter() - start
     return {"added": peak_rss() - before, "before": before, "seconds": seconds}
 
 
-def kept_bytes(model: nn.Module, images: int) -> int:
-    """Bytes of the zero-padded float32 conv inputs the authors' code keeps for ``images``."""
+def kept_bytes(model: nn.Module, images: int, padded: bool = True) -> int:
+    """Bytes of the float32 conv inputs for ``images``: zero-padded as the authors' code keeps
+    them, or as they are (what gradshape's cache holds)."""
     maps = conv_inputs(model, torch.zeros(1, 3, 32, 32))
-    per_image = sum(m.shape[1] * (m.shape[2] + 2) * (m.shape[3] + 2) for m in maps.values())
+    pad = 2 if padded else 0
+    per_image = sum(m.shape[1] * (m.shape[2] + pad) * (m.shape[3] + pad) for m in maps.values())
     return per_image * 4 * images
 
 
@@ -81,11 +92,11 @@ def run(device: torch.device, quick: bool = False) -> str:
             )
             for mode in MODES
         }
-        g, a = result["gradshape"], result["authors"]
+        cells = [f"{result[m]['added'] / 2**20:.1f} | {result[m]['seconds']:.1f}" for m in MODES]
         rows.append(
-            f"| {n} | {n * batch:,} | {g['added'] / 2**20:.1f} | {g['seconds']:.1f} | "
-            f"{a['added'] / 2**20:.1f} | {a['seconds']:.1f} | "
-            f"{kept_bytes(model, n * batch) / 2**20:.1f} |"
+            f"| {n} | {n * batch:,} | {kept_bytes(model, n * batch, padded=False) / 2**20:.1f} | "
+            + " | ".join(cells)
+            + f" | {kept_bytes(model, n * batch) / 2**20:.1f} |"
         )
     return "\n".join(
         [
@@ -96,13 +107,16 @@ def run(device: torch.device, quick: bool = False) -> str:
             "memory).  Each cell is a fresh process: memory the refresh "
             "adds at its peak over the resident set before it (`VmHWM` after resetting it via "
             "`/proc/self/clear_refs`, minus `VmRSS`), after a warm-up refresh.  gradshape: "
-            "`maybe_refresh` with a `DataLoader`, streaming.  Authors' procedure: keep every "
-            "conv input of every batch, then the anchor per layer; computed: the padded "
-            "float32 maps their code keeps.",
+            "`maybe_refresh` with a `DataLoader`, with `cache_bytes` at its default (the inputs "
+            f"are kept and the model runs once when they fit), at {BUDGET / 2**20:.0f} MiB, and "
+            "0 (streaming).  Authors' procedure: keep every conv input of every batch, then "
+            "the anchor per layer.  Computed: the layers' inputs as gradshape's cache holds "
+            "them, and the padded float32 maps the authors' code keeps.",
             "",
-            "| refresh batches | images | gradshape MiB | gradshape s | authors' procedure "
-            "(measured) MiB | authors' s | authors' kept maps (computed) MiB |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| refresh batches | images | inputs (computed) MiB | cached MiB | cached s "
+            f"| budget {BUDGET / 2**20:.0f} MiB: MiB | s | streaming MiB | streaming s "
+            "| authors' procedure MiB | authors' s | authors' kept maps (computed) MiB |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *rows,
             "",
         ]
