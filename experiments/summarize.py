@@ -62,13 +62,36 @@ VIEWS: dict[str, list[tuple[str, tuple[str, ...] | None]]] = {
     "optim-adam": [("optim-adam", None)],
     "optim-adamw": [("optim-adamw", None)],
     "optim-adagrad": [("optim-adagrad", None)],
+    # the converged-regime study (experiments/converged.sh)
+    "conv-main": [("conv-main", None)],
+    "conv-lr-0.025": [("conv-lr-0.025", None)],
+    "conv-lr-0.1": [("conv-lr-0.1", None)],
+    "conv-lemma1": [("conv-lemma1", None)],
+    "conv-ablation": [("conv-main", ANCHORS), ("conv-frozen", None), ("conv-grid", None)],
+    "conv-autocorr-k": [("conv-main", ANCHORS), ("conv-autocorr-k", None)],
+    "conv-structures": [("conv-main", ANCHORS), ("conv-structures", None)],
 }
+
+#: view name -> the method its Δ pairs against, where it is not the plain baseline.
+REFERENCES: dict[str, str] = {"conv-lemma1": "acb@bn=after_sum"}
+
+#: views whose grid points, or values of k, are chosen on the validation split (prefix).
+CHOICES: dict[str, str] = {
+    "ablation": "grid",
+    "conv-ablation": "grid",
+    "conv-autocorr-k": "sgs-autocorr",
+}
+
+#: The learning-rate sweep: (learning rate, part) in order; see :func:`lr_markdown`.
+LR_SWEEP = ((0.025, "conv-lr-0.025"), (0.05, "conv-main"), (0.1, "conv-lr-0.1"))
 
 #: view name -> what its block in EXPERIMENTS.md shows besides the table: "gap" (fit and
 #: train-test gap table), "curves" (learning curves), "paired" (Δ per seed against the baseline).
 SHOW: dict[str, tuple[str, ...]] = {
     "main-vgg11": ("gap", "curves", "paired"),
     "main-resnet18": ("gap", "curves", "paired"),
+    "conv-main": ("gap", "curves", "paired"),
+    "conv-structures": ("gap",),
 }
 
 #: protocol name -> the views whose parts it describes (see :func:`protocol_markdown`).
@@ -85,6 +108,15 @@ PROTOCOLS: dict[str, tuple[str, ...]] = {
         "optim-adam",
         "optim-adamw",
         "optim-adagrad",
+    ),
+    "converged": (
+        "conv-main",
+        "conv-lr-0.025",
+        "conv-lr-0.1",
+        "conv-lemma1",
+        "conv-ablation",
+        "conv-autocorr-k",
+        "conv-structures",
     ),
 }
 
@@ -150,17 +182,45 @@ def view_records(name: str) -> list[dict[str, Any]] | None:
     return records
 
 
-def grid_choice(summary: dict[str, Any]) -> str:
-    """Which grid point the validation split picks (the test set plays no part)."""
-    rows = [r for r in summary["methods"] if r["method"].startswith("grid")]
+def grid_choice(summary: dict[str, Any], prefix: str = "grid") -> str:
+    """Which of the methods named ``prefix...`` (grid points, values of k) the validation
+    split picks (the test set plays no part)."""
+    rows = [r for r in summary["methods"] if r["method"].startswith(prefix)]
     if not rows or any(r["val_acc"] is None for r in rows):
         return ""
     listed = ", ".join(f"{r['method']} {100 * r['val_acc']['mean']:.2f}" for r in rows)
     best = max(rows, key=lambda r: r["val_acc"]["mean"])
     return (
-        f"Validation accuracy % (mean over seeds) of the grid points: {listed}. "
+        f"Validation accuracy % (mean over seeds) of the choices: {listed}. "
         f"Chosen on validation: **{best['method']}**."
     )
+
+
+def lr_markdown() -> str:
+    """The learning-rate sweep as one table: per rate, the baseline's and SGS's test accuracy
+    and SGS's paired Δ with its interval (each rate's own part and seeds)."""
+    lines = [
+        "| learning rate | seeds | baseline test acc % | SGS test acc % | Δ SGS − baseline "
+        "(paired) | 95% CI of Δ |",
+        "|---|---|---|---|---|---|",
+    ]
+    for lr, part in LR_SWEEP:
+        if not (RESULTS / part / "results.json").is_file():
+            lines.append(f"| {lr:g} | *(not run yet)* | | | | |")
+            continue
+        rows = {r["method"]: r for r in summarize_records(load_results(RESULTS / part))["methods"]}
+        if not {"baseline", "sgs"} <= set(rows):
+            lines.append(f"| {lr:g} | *(incomplete)* | | | | |")
+            continue
+        base, sgs, diff = rows["baseline"], rows["sgs"], rows["sgs"]["paired_diff"]
+        ci = diff["ci"]
+        lines.append(
+            f"| {lr:g} | {diff['n']} | {100 * base['test_acc']['mean']:.2f} | "
+            f"{100 * sgs['test_acc']['mean']:.2f} | {100 * diff['mean']:+.2f} | "
+            + ("–" if ci is None else f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]")
+            + " |"
+        )
+    return "\n".join(lines)
 
 
 def view_markdown(name: str, records: list[dict[str, Any]]) -> str:
@@ -171,7 +231,7 @@ def view_markdown(name: str, records: list[dict[str, Any]]) -> str:
     """
     seeds = sorted({r["seed"] for r in records})
     folder = f"experiments/results/views/{name}"
-    summary = summarize_records(records)
+    summary = summarize_records(records, REFERENCES.get(name, BASELINE))
     lines = [
         table(summary),
         "",
@@ -179,8 +239,8 @@ def view_markdown(name: str, records: list[dict[str, Any]]) -> str:
         + ", ".join(f"`experiments/results/{p}`" for p in sorted(view_parts(name)))
         + f"; report and plots in `{folder}/`.",
     ]
-    if name == "ablation":
-        lines += ["", grid_choice(summary)]
+    if name in CHOICES:
+        lines += ["", grid_choice(summary, CHOICES[name])]
     show = SHOW.get(name, ())
     if "gap" in show:
         lines += [
@@ -385,7 +445,8 @@ def _protocol_body(name: str, views: dict[str, list[dict[str, Any]] | None]) -> 
     parts = list(dict.fromkeys(p for v in PROTOCOLS[name] for p in view_parts(v)))
     present = [p for p in parts if (RESULTS / p / "results.json").is_file()]
     if not present:
-        return "*(not run yet: `bash experiments/study.sh` runs its parts)*"
+        script = "converged" if name == "converged" else "study"
+        return f"*(not run yet: `bash experiments/{script}.sh` runs its parts)*"
     records = [r for p in present for r in load_results(RESULTS / p)]
     done = {v: views[v] for v in PROTOCOLS[name] if views.get(v) is not None}
     body = protocol_markdown(protocol_facts(records), present, count_intervals(done))
@@ -395,21 +456,28 @@ def _protocol_body(name: str, views: dict[str, list[dict[str, Any]] | None]) -> 
     return body
 
 
+#: tables built from several parts that are not one view: name -> builder (marker ``view:name``).
+TABLES = {"conv-lr": lr_markdown}
+
+
 def main() -> int:
     doc = DOC.read_text()
     views: dict[str, list[dict[str, Any]] | None] = {}
     for name in VIEWS:
         records = views[name] = view_records(name)
         if records is None:
-            body = "*(not run yet: `bash experiments/study.sh` runs its parts)*"
+            script = "converged" if name.startswith("conv-") else "study"
+            body = f"*(not run yet: `bash experiments/{script}.sh` runs its parts)*"
         else:
             folder = RESULTS / "views" / name
             for stale in (folder / "plots").glob("*.png"):
                 stale.unlink()
-            write_report(folder, records)
+            write_report(folder, records, REFERENCES.get(name, BASELINE))
             body = view_markdown(name, records)
         doc = fill(doc, name, body)
         print(f"{name}: {'missing' if records is None else f'{len(records)} runs'}")
+    for name, make in TABLES.items():
+        doc = fill(doc, name, make())
     for name in PROTOCOLS:
         doc = fill(doc, name, _protocol_body(name, views), kind="protocol")
         print(f"protocol {name}: written")

@@ -80,7 +80,10 @@ def test_runs_with_different_settings_are_not_paired(summarize, tmp_path):
 def test_main_fills_only_the_markers_and_marks_missing_views(summarize, tmp_path):
     doc = "".join(
         f"text {name}\n<!-- {kind}:{name} -->\nOLD-TEXT\n<!-- /{kind}:{name} -->\n"
-        for kind, names in (("view", summarize.VIEWS), ("protocol", summarize.PROTOCOLS))
+        for kind, names in (
+            ("view", [*summarize.VIEWS, *summarize.TABLES]),
+            ("protocol", summarize.PROTOCOLS),
+        )
         for name in names
     )
     summarize.DOC.write_text(doc)
@@ -90,7 +93,8 @@ def test_main_fills_only_the_markers_and_marks_missing_views(summarize, tmp_path
     assert summarize.main() == 0
     out = summarize.DOC.read_text()
     assert "OLD-TEXT" not in out
-    assert out.count("text ") == len(summarize.VIEWS) + len(summarize.PROTOCOLS)
+    expected = len(summarize.VIEWS) + len(summarize.TABLES) + len(summarize.PROTOCOLS)
+    assert out.count("text ") == expected
     ablation = out.split("<!-- view:ablation -->")[1].split("<!-- /view:ablation -->")[0]
     assert "Chosen on validation: **grid@alpha=2**" in ablation  # the highest val, 0.7
     assert "not run yet" in out.split("<!-- view:optim-adam -->")[1].split("<!-- /view")[0]
@@ -213,3 +217,15 @@ def test_committed_protocol_block_matches_the_runs():
         warmup = round(r["config"]["optim"]["lr"] / r["history"][0]["lr"])
         assert f"warms up over the first {warmup} steps" in block
         assert f"{warmup} steps per epoch" in block  # one warm-up epoch
+
+
+def test_learning_rate_table_pairs_each_rate_within_its_part(summarize, tmp_path):
+    low = [_record("baseline", s, a) for s, a in ((0, 0.80), (1, 0.82))]
+    low += [_record("sgs", s, a) for s, a in ((0, 0.81), (1, 0.84))]
+    _write(tmp_path / "results/conv-lr-0.025", low)
+    table = summarize.lr_markdown().splitlines()
+    assert table[2].startswith("| 0.025 | 2 | 81.00 | 82.50 | +1.50 | [")
+    # paired t-interval of the differences 1.0 and 2.0 points: 1.5 ± t(0.975, 1)·0.5
+    half = 12.706204736174698 * 0.5
+    assert f"[{1.5 - half:+.2f}, {1.5 + half:+.2f}]" in table[2]
+    assert table[3] == "| 0.05 | *(not run yet)* | | | | |"

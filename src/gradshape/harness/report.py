@@ -149,10 +149,13 @@ def _seconds(record: dict[str, Any]) -> float:
     return record["train_seconds"] + record.get("search_seconds", 0.0)
 
 
-def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_records(records: list[dict[str, Any]], reference: str = BASELINE) -> dict[str, Any]:
     """Per method, in first-seen order: the statistics of the module docstring.
 
-    Returns ``{"baseline": "baseline" or None, "methods": [row, ...]}``; a row holds
+    ``reference`` is the method every other is paired against (the plain baseline unless a
+    comparison asks otherwise, e.g. a structure against its Lemma-1 scaling).
+
+    Returns ``{"baseline": reference or None, "methods": [row, ...]}``; a row holds
     ``method``, ``seeds``, ``k``, ``test_acc`` and ``val_acc`` (:func:`summarize` dicts),
     ``paired_diff`` (of d_s against the baseline, ``None`` without one) and
     ``paired_by_seed`` (``[{"seed", "diff"}, ...]``), ``train_eval_acc`` and ``gap`` (``None``
@@ -160,14 +163,16 @@ def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
     ``train_seconds`` (with a method's search stage, e.g. RepOpt's hyper-search, included),
     ``time_ratio``, ``params`` and ``params_deployed``.
     """
-    base = _by_seed(records, BASELINE)
+    base = _by_seed(records, reference)
     base_time = summarize([_seconds(r) for r in base.values()])["mean"]
     rows = []
     for method in _methods_in_order(records):
         runs = _by_seed(records, method)
         first = next(iter(runs.values()))
         time = summarize([_seconds(r) for r in runs.values()])["mean"]
-        diffs = paired_differences(records, method) if base and method != BASELINE else None
+        diffs = (
+            paired_differences(records, method, reference) if base and method != reference else None
+        )
         tests = [r["test_acc"] for r in runs.values()]
         fit = [r.get("train_eval_acc") for r in runs.values()]
         last = [r["history"][-1]["train_acc"] if r["history"] else None for r in runs.values()]
@@ -194,7 +199,7 @@ def summarize_records(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "params_deployed": first.get("params_deployed", first["params"]),
             }
         )
-    return {"baseline": BASELINE if base else None, "methods": rows}
+    return {"baseline": reference if base else None, "methods": rows}
 
 
 # ---- markdown ----------------------------------------------------------------------------
@@ -226,9 +231,10 @@ def table(summary: dict[str, Any]) -> str:
     baseline with its 95 % t-interval, time and parameters.  No unpaired interval is shown:
     comparisons between methods are read from the paired one.
     """
+    reference = summary.get("baseline") or BASELINE
     lines = [
-        "| method | seeds | test acc % (mean ± std) | Δ vs baseline (paired) "
-        "| 95% CI of Δ (paired t) | train s | time × baseline | params (train → deployed) |",
+        f"| method | seeds | test acc % (mean ± std) | Δ vs {reference} (paired) "
+        f"| 95% CI of Δ (paired t) | train s | time × {reference} | params (train → deployed) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["methods"]:
@@ -765,11 +771,16 @@ def load_results(out_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def write_report(out_dir: str | Path, records: list[dict[str, Any]] | None = None) -> Path:
+def write_report(
+    out_dir: str | Path,
+    records: list[dict[str, Any]] | None = None,
+    reference: str = BASELINE,
+) -> Path:
     """Write ``summary.json``, ``report.md`` and the plots into ``out_dir``.
 
     The runs are ``records`` when given (e.g. runs of several comparisons put side by side),
-    otherwise those of ``out_dir/results.json``.  Returns the path of ``report.md``.
+    otherwise those of ``out_dir/results.json``; the tables pair every method against
+    ``reference`` (see :func:`summarize_records`).  Returns the path of ``report.md``.
     """
     out_dir = Path(out_dir)
     if records is None:
@@ -779,7 +790,7 @@ def write_report(out_dir: str | Path, records: list[dict[str, Any]] | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / CONFIG_FILE
     config = load_config_file(config_path) if config_path.is_file() else None
-    summary = summarize_records(records)
+    summary = summarize_records(records, reference)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     try:
         plots = _plots(records, out_dir)
