@@ -177,6 +177,12 @@ def test_per_weight_scaling_multiplies_each_entry(mode):
     torch.testing.assert_close(model[3].weight, plain_model[3].weight, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match=r"'3' has shape \(8, 5, 3, 3\).*weight's shape"):
         sgs.set_scaling("3", torch.ones(8, 5, 3, 3))
+    state = sgs.state_dict()
+    sgs.remove()
+    fresh = gs.SpatialGradientScaling(model, mode=mode, include=["3"], **kwargs)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.scalings["3"], g, rtol=0, atol=0)
+    fresh.remove()
 
 
 def test_update_mode_scales_the_adam_step():
