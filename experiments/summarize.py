@@ -399,7 +399,7 @@ def protocol_markdown(
         measured = f"Validation accuracy is measured on {val} images and test accuracy on {test}"
     lines = [
         f"*Derived by `experiments/summarize.py` from the {runs} runs in `results.json` of "
-        f"{len(parts)} parts (seeds {seed_text}); not typed by hand.*",
+        f"{len(parts)} part{'s' * (len(parts) != 1)} (seeds {seed_text}); not typed by hand.*",
         "",
         f"- **Images.** Each run trains on {_value(f['train_images'])} images per epoch (the "
         f"`images` of its history). {measured} (the smallest counts that make every recorded "
@@ -427,7 +427,7 @@ def protocol_markdown(
     if intervals is not None:
         lines.append(
             f"- **Intervals.** The tables of this study show {intervals} distinct paired 95 % "
-            "intervals of Δ."
+            f"interval{'s' * (intervals != 1)} of Δ."
         )
     return "\n".join(lines)
 

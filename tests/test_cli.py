@@ -22,7 +22,8 @@ QUICK = [
 ]  # fmt: skip
 
 
-def _error_line(capsys) -> str:
+def error_line(capsys) -> str:
+    """The one line a failed command wrote to stderr (no traceback)."""
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = [x for x in err.splitlines() if x.strip()]
@@ -72,7 +73,7 @@ def test_compare_writes_every_output(comparison):
 def test_compare_refuses_existing_folder_then_resumes_and_overwrites(comparison, capsys):
     out, argv = comparison
     assert cli.main([*argv, "--out", str(out)]) == 2
-    assert "--overwrite" in _error_line(capsys)
+    assert "--overwrite" in error_line(capsys)
     before = json.loads((out / "results.json").read_text())
     assert cli.main([*argv, "--out", str(out), "--resume"]) == 0  # all finished: nothing rerun
     assert json.loads((out / "results.json").read_text()) == before
@@ -95,13 +96,13 @@ def test_train_writes_run_record(tmp_path, capsys):
     assert record["flags"]["loss_transform"] and record["flags"]["needs_refresh"]
     assert f"{100 * record['test_acc']:.2f}%" in capsys.readouterr().out
     assert cli.main(["train", *QUICK, "--method", "sgs+pgt", "--out", str(out)]) == 2
-    assert "already holds a run" in _error_line(capsys)
+    assert "already holds a run" in error_line(capsys)
 
 
 def test_unknown_method_lists_the_valid_ones(tmp_path, capsys):
     argv = ["compare", *QUICK, "--methods", "baseline,fancy", "--out", str(tmp_path / "x")]
     assert cli.main(argv) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "unknown method 'fancy'" in line
     assert all(name in line for name in METHODS)
     assert not (tmp_path / "x").exists()  # nothing trained, nothing written
@@ -111,7 +112,7 @@ def test_missing_data_path_says_what_is_expected(tmp_path, capsys):
     argv = ["train", "--data.dataset", "fashion-mnist", "--data.path", str(tmp_path / "nowhere"),
             "--out", str(tmp_path / "run"), "--progress", "false"]  # fmt: skip
     assert cli.main(argv) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "train-images-idx3-ubyte" in line
     assert "apt-get install dataset-fashion-mnist" in line
 

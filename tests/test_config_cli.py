@@ -23,24 +23,11 @@ from gradshape.harness.config import (
     write_config_file,
 )
 from gradshape.harness.methods import resolve_method
+from test_cli import QUICK, error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = json.loads((Path(__file__).with_name("study_flags.json")).read_text())
-TINY = [
-    "--data.dataset", "digits", "--data.subset", "128", "--model.name", "tiny",
-    "--optim.epochs", "1", "--optim.batch_size", "32", "--optim.lr", "0.05",
-    "--sgs.refresh_every", "1", "--sgs.refresh_batches", "2", "--device", "cpu",
-    "--progress", "false",
-]  # fmt: skip
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("gradshape: error: ")
-    return lines[0]
+TINY = [*QUICK, "--data.subset", "128", "--optim.epochs", "1"]  # a later flag wins
 
 
 def _yaml(path: Path, text: str) -> Path:
@@ -149,7 +136,7 @@ def test_bad_config_file_is_one_line_naming_file_and_key(text, expected, tmp_pat
     bad = _yaml(tmp_path / "bad.yaml", text)
     argv = ["compare", "--config", str(good), "--config", str(bad), "--out", str(tmp_path / "x")]
     assert cli.main(argv) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert f"config file {bad}:" in line
     assert all(e in line for e in expected), line
     assert not (tmp_path / "x").exists()
@@ -168,14 +155,14 @@ def test_bad_config_file_is_one_line_naming_file_and_key(text, expected, tmp_pat
 )
 def test_bad_flags_are_one_line(argv, expected, capsys):
     assert cli.main(argv) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert all(e in line for e in expected), line
 
 
 def test_without_jsonargparse_one_line_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "jsonargparse", None)  # import fails as if not installed
     assert cli.main(["train", "--help"]) == 2
-    assert "pip install 'gradshape[cli]'" in _error_line(capsys)
+    assert "pip install 'gradshape[cli]'" in error_line(capsys)
 
 
 # ---- config.yaml in run and comparison folders --------------------------------------------------
@@ -194,7 +181,7 @@ def test_run_folder_config_yaml_reruns_and_guards_resume(tmp_path, capsys):
     assert json.loads((out / "run.json").read_text()) == record
     capsys.readouterr()
     assert cli.main([*again, "--optim.lr", "0.2", "--sgs.k", "3"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "config.yaml" in line and "['optim.lr', 'sgs.k']" in line
 
 
@@ -235,7 +222,7 @@ def test_comparison_config_yaml_report_and_resume(tmp_path, capsys):
     capsys.readouterr()
     # resuming with other shared settings is refused before anything trains
     assert cli.main([*argv, "--resume", "--optim.epochs", "2", "--methods", "baseline,sgs"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert f"{out / 'config.yaml'}" in line and "['optim.epochs']" in line
     assert not (out / "runs" / "sgs-seed0").exists()
     # more methods with the same settings: allowed, and config.yaml follows the new plan
@@ -398,5 +385,5 @@ def test_tensorboard_missing_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     argv = ["train", *TINY, "--logger", "tensorboard", "--out", str(tmp_path / "run")]
     assert cli.main(argv) == 2
-    assert "pip install 'gradshape[tensorboard]'" in _error_line(capsys)
+    assert "pip install 'gradshape[tensorboard]'" in error_line(capsys)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()

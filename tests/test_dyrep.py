@@ -501,6 +501,37 @@ def test_recalibration_changes_only_the_new_blocks_statistics_and_restores_modes
     assert torch.allclose(block.identity.running_var, variances, rtol=1e-12)
     with pytest.raises(ValueError, match="empty"):
         recalibrate_batchnorm(net, norms, [])
+    with pytest.raises(TypeError, match="^recalibration batches must be tensors"):
+        recalibrate_batchnorm(net, norms, ["x"])
+
+
+def test_harness_recalibration_batches_continue_one_seeded_stream():
+    """dyrep's recalibration batches: a permutation drawn by torch under the seed, the samples'
+    augmentation continuing that stream, the same on every pass, the global RNG untouched."""
+    from gradshape.batches import SampledBatches
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, i: int):
+            return torch.full((2,), float(i)) + torch.rand(2), i
+
+    loader = torch.utils.data.DataLoader(Noisy(), batch_size=4)
+    state = torch.get_rng_state()
+    batches = SampledBatches(loader, 2, 7, where="dyrep", setting="dyrep.recal_batches",
+                             reseed=False)  # fmt: skip
+    passes = [list(batches), list(batches)]
+    assert torch.equal(torch.get_rng_state(), state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        order = torch.randperm(10)[:8].tolist()
+        expected = [loader.collate_fn([loader.dataset[i] for i in order[k : k + 4]])
+                    for k in (0, 4)]  # fmt: skip
+    for got in passes:
+        assert len(got) == 2
+        for (x, i), (x_ref, i_ref) in zip(got, expected, strict=True):
+            assert torch.equal(i, i_ref) and torch.equal(x, x_ref)
 
 
 def test_bad_settings_raise():
@@ -606,37 +637,12 @@ def _harness_cfg(method: str, epochs: int):
 
 
 def test_harness_dyrep_resumes_bit_for_bit_after_an_adjustment(tmp_path, monkeypatch):
-    from gradshape.harness import train
-    from gradshape.harness.checkpoint import load_checkpoint
     from gradshape.harness.models import create_model
+    from test_train import straight_and_resumed
 
     cfg = _harness_cfg("dyrep@interval=2@max_adjust=4@recal_batches=2", 4)
-    straight = train.train_run(cfg, tmp_path / "a", progress=False)
-    real_save, saves = train.save_checkpoint, []
-
-    def interrupted_save(path, obj):
-        real_save(path, obj)
-        saves.append(obj["epoch"])
-        if len(saves) == 3:
-            raise KeyboardInterrupt  # after epoch 2: one adjustment done, epoch 2's scores held
-
-    monkeypatch.setattr(train, "save_checkpoint", interrupted_save)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_run(cfg, tmp_path / "b", progress=False)
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
-    resumed = train.train_run(cfg, tmp_path / "b", resume=True, progress=False)
-
-    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
-    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
-    assert a["model"].keys() == b["model"].keys()
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
-                      strict=True):  # fmt: skip
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    timing = ("seconds", "images_per_second")
-    strip = [{k: v for k, v in h.items() if k not in timing} for h in straight["history"]]
-    assert strip == [{k: v for k, v in h.items() if k not in timing} for h in resumed["history"]]
+    # killed after epoch 2: one adjustment done, epoch 2's scores held
+    straight, resumed = straight_and_resumed(cfg, tmp_path, 3, monkeypatch)
     assert straight["dyrep"] == resumed["dyrep"]
     assert [r["epoch"] for r in straight["dyrep"]["adjustments"]] == [1, 3]
     assert straight["test_acc"] == resumed["test_acc"]

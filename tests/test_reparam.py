@@ -27,8 +27,8 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def randomise_bn(model: nn.Module, seed: int = 0) -> None:
-    """Random running statistics and affine weights in every BatchNorm2d."""
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random running statistics and affine weights in every BatchNorm2d; returns ``model``."""
     g = gen(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -39,6 +39,7 @@ def randomise_bn(model: nn.Module, seed: int = 0) -> None:
                 if m.affine:
                     m.weight.copy_(torch.rand(shape, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(shape, generator=g))
+    return model
 
 
 # ---- fusion maps ----------------------------------------------------------------------------

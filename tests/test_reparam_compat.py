@@ -16,22 +16,9 @@ from torch import nn
 import gradshape as gs
 from gradshape import reparam
 from gradshape.selection import forward_override
+from test_reparam import randomise_bn
 
 F64 = torch.float64
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random running statistics and affine weights in every BatchNorm2d."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                shape = m.running_mean.shape
-                m.running_mean.copy_(torch.randn(shape, generator=g))
-                m.running_var.copy_(torch.rand(shape, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(shape, generator=g))
-    return model
 
 
 # ---- layers that read their conv's attributes (fault 4) ---------------------------------------
@@ -75,7 +62,7 @@ class CentredPadLayer(nn.Module):
 
 def wrapper_net() -> nn.Sequential:
     torch.manual_seed(0)
-    return randomise(
+    return randomise_bn(
         nn.Sequential(
             TFSamePadLayer(3, 6, 3, stride=2),
             TFSamePadLayer(6, 6, 3, groups=6),
@@ -126,7 +113,7 @@ def test_block_exposes_the_replaced_convs_attributes_and_equivalent_weight(kind,
     with torch.no_grad():  # every branch live, BatchNorms with random statistics
         for p in block.parameters():
             p.normal_()
-    randomise(block, seed=spec)
+    randomise_bn(block, seed=spec)
     for name in ("in_channels", "out_channels", "groups", "padding_mode"):
         assert getattr(block, name) == getattr(conv, name), name
     for name in ("kernel_size", "stride", "dilation"):
@@ -204,7 +191,7 @@ def test_batchnorms_are_found_in_traceable_submodules_of_an_untraceable_model():
     expected = {f"{n}.convolution": f"{n}.normalization" for n in layers}
     assert reparam.following_batchnorms(GatedNet()) == expected
     torch.manual_seed(1)
-    original = randomise(GatedNet().double())
+    original = randomise_bn(GatedNet().double())
     with pytest.warns(UserWarning, match="left 1 conv"):
         conversion = reparam.convert(original, "repvgg")
     assert conversion.converted == tuple(expected)
@@ -295,7 +282,7 @@ def test_directly_follows_holds_for_every_call_the_traceable_modules_show():
     assert reparam.following_batchnorms(Repeated()) == pair
     assert reparam.following_batchnorms(CalledAround()) == {}  # decided in layer, refuted above
     torch.manual_seed(3)
-    original = randomise(Repeated().double())
+    original = randomise_bn(Repeated().double())
     converted = reparam.convert(original, "dbb").model
     x = torch.randn(2, 4, 6, 6, dtype=F64)
     assert reparam.max_output_difference(original, converted, x) <= 1e-12
@@ -329,7 +316,7 @@ class DoubledBatchNorm(nn.BatchNorm2d):
 @pytest.mark.parametrize("kind", sorted(reparam.KINDS))
 def test_conv_subclasses_convert_unless_they_override_forward(kind):
     torch.manual_seed(2)
-    original = randomise(
+    original = randomise_bn(
         nn.Sequential(
             DepthwiseConv2d(4, 3),
             nn.BatchNorm2d(4),

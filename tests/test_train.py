@@ -217,31 +217,41 @@ def test_record_of_a_structural_run(tmp_path):
     assert rec["scalings"] is None and rec["k"] is None
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    cfg = _cfg("sgs", 3)
+def straight_and_resumed(cfg: RunConfig, tmp_path, saves: int, monkeypatch) -> tuple[dict, dict]:
+    """Train ``cfg`` in ``tmp_path/a``, and in ``tmp_path/b`` killed right after its
+    ``saves``-th checkpoint and then resumed; checks that both end with the same weights,
+    optimizer state and history (timings aside) and returns both records."""
     straight = train.train_run(cfg, tmp_path / "a", progress=False)
-
-    real_save, saves = train.save_checkpoint, []
+    real_save, epochs = train.save_checkpoint, []
 
     def interrupted_save(path, obj):
         real_save(path, obj)
-        saves.append(obj["epoch"])
-        if len(saves) == 2:
-            raise KeyboardInterrupt  # killed right after epoch 2's checkpoint
+        epochs.append(obj["epoch"])
+        if len(epochs) == saves:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "save_checkpoint", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
         train.train_run(cfg, tmp_path / "b", progress=False)
     monkeypatch.setattr(train, "save_checkpoint", real_save)
-    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == epochs[-1]
     resumed = train.train_run(cfg, tmp_path / "b", resume=True, progress=False)
 
     a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(),
+                      strict=True):  # fmt: skip
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert _without_timing(straight["history"]) == _without_timing(resumed["history"])
+    return straight, resumed
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    # killed right after epoch 2's checkpoint
+    straight, resumed = straight_and_resumed(_cfg("sgs", 3), tmp_path, 2, monkeypatch)
     assert straight["scalings"] == resumed["scalings"]
     assert len(straight["scalings"]["history"]) == 2  # refreshed at epochs 1 and 2
     assert straight["test_acc"] == resumed["test_acc"]

@@ -39,21 +39,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
+from . import batches as _batches
+from .batches import batch_input, run_model, to_device
 from .dependence import DependenceAccumulator, PairGeometry, make_accumulator
-from .distributed import check_same_on_all_ranks, fail_together, rank_and_world
+from .distributed import check_same_on_all_ranks, fail_together
 
 __all__ = [
     "CACHE_FRACTION",
@@ -112,26 +112,20 @@ class Measurement:
 
 
 # ---- batches ---------------------------------------------------------------------------------
-def batch_input(batch: Any) -> Any:
-    """The model input of a refresh batch: a tensor, the first item of a tuple, or a dict."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    if isinstance(batch, Mapping):
-        return batch
-    raise TypeError(
-        "refresh batches must be tensors, (input, target, ...) tuples, or dicts of model "
-        f"keyword arguments; got {type(batch).__name__}"
-    )
+class SampledBatches(_batches.SampledBatches):
+    """The refresh batches of :meth:`SpatialGradientScaling.maybe_refresh
+    <gradshape.SpatialGradientScaling.maybe_refresh>`: :class:`gradshape.batches.SampledBatches`
+    with each batch collated under its own seed, so the all-reduced refresh measures exactly
+    the single-process draw under ``torch.distributed``."""
 
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, Mapping):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    return x
+    def __init__(self, loader: torch.utils.data.DataLoader, count: int, seed: int) -> None:
+        super().__init__(
+            loader,
+            count,
+            seed,
+            where="SpatialGradientScaling.maybe_refresh",
+            setting="schedule.batches",
+        )
 
 
 def _valid_steps(inputs: Any) -> torch.Tensor | None:
@@ -154,59 +148,6 @@ def _valid_steps(inputs: Any) -> torch.Tensor | None:
             f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}"
         )
     return mask != 0 if key == "attention_mask" else ~mask.bool()
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch, numpy and ``random`` for a block and restore their states after it."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-class SampledBatches:
-    """``count`` random batches of a DataLoader's dataset, re-iterable and identical each time.
-
-    Each batch is collated from randomly drawn indices under a fixed seed (augmentations drawn
-    from torch, numpy or ``random`` repeat exactly), so a second pass sees the same pixels
-    while only one batch is held in memory at a time.  Under ``torch.distributed`` every rank
-    draws the same batches and keeps every ``world``-th one (rank r: batches r, r + world, ...),
-    so the all-reduced refresh measures exactly the single-process draw.
-    """
-
-    def __init__(self, loader: torch.utils.data.DataLoader, count: int, seed: int) -> None:
-        self.dataset = loader.dataset
-        self.collate = loader.collate_fn
-        size = len(self.dataset)
-        batch_size = loader.batch_size
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(size, generator=gen)
-        total = min(size, count * batch_size)
-        chunks = [order[i : i + batch_size].tolist() for i in range(0, total, batch_size)]
-        rank, world = rank_and_world()
-        if len(chunks) < world:
-            raise ValueError(
-                f"SpatialGradientScaling.maybe_refresh: {len(chunks)} refresh batches cannot be "
-                f"shared by {world} ranks; raise schedule.batches (or the dataset size) to at "
-                f"least {world}"
-            )
-        self.chunks = list(enumerate(chunks))[rank::world]
-        self.seed = seed
-
-    def __iter__(self) -> Iterator[Any]:
-        for j, chunk in self.chunks:
-            with _seeded(self.seed * 1_000_003 + j):
-                yield self.collate([self.dataset[i] for i in chunk])
-
-    def __len__(self) -> int:
-        return len(self.chunks)
 
 
 # ---- capture ---------------------------------------------------------------------------------
@@ -463,13 +404,6 @@ class _Cache:
         return self.calls is not None and all(c.input._version == v for c, v in self.calls)
 
 
-def _forward(model: nn.Module, inputs: Any) -> None:
-    if isinstance(inputs, Mapping):
-        model(**inputs)
-    else:
-        model(inputs)
-
-
 def measure_layers(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -524,10 +458,10 @@ def measure_layers(
         seen = False
         for batch in batches:
             seen = True
-            inputs = _to_device(batch_input(batch), device)
+            inputs = to_device(batch_input(batch, "refresh"), device)
             valid = _valid_steps(inputs)
             with parametrize.cached(), OperationCapture(layers, on_call, valid) as capture:
-                _forward(model, inputs)
+                run_model(model, inputs)
             unmasked.update(capture.unmasked)
         return seen
 

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from .. import reparam
+from ..batches import SampledBatches
 from ..channel import ChannelDirectedGradients
-from ..distributed import rank_and_world
 from ..powergrad import PowerGrad
 from ..scaling import branch_scaling, grid_scaling
 from ..spatial import RefreshSchedule, SpatialGradientScaling
@@ -295,22 +295,12 @@ def _convertible(_name: str, module: nn.Module) -> bool:
     return not reparam.conversion_obstacle(module)
 
 
-def _training_batches(loader: Any, count: int, seed: int) -> list[Any]:
-    """``count`` batches of randomly drawn training samples (with their augmentation), drawn
-    under ``seed`` without touching the global RNG; under ``torch.distributed`` rank r keeps
-    batches r, r + world, ...  (the statistics are then averaged over the ranks)."""
-    dataset, collate, size = loader.dataset, loader.collate_fn, loader.batch_size
-    rank, world = rank_and_world()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        order = torch.randperm(len(dataset))[: count * size].tolist()
-        chunks = [order[i : i + size] for i in range(0, len(order), size)]
-        return [collate([dataset[i] for i in chunk]) for chunk in chunks[rank::world]]
-
-
 def _build_dyrep(b: _Build) -> None:
     """DyRep on the plain model: saliency every step, growth and pruning after the scheduled
-    epochs (BatchNorms recalibrated on ``dyrep.recal_batches`` batches), fused at the end."""
+    epochs, fused at the end.  A new block's BatchNorms are recalibrated on
+    ``dyrep.recal_batches`` randomly drawn training batches (with their augmentation, drawn
+    under the seed and the epoch; under ``torch.distributed`` rank r takes batches r,
+    r + world, ... and the statistics are averaged over the ranks)."""
     d, seed = b.cfg.dyrep, b.cfg.seed
     dyrep = reparam.DyRep(
         b.model,
@@ -328,7 +318,14 @@ def _build_dyrep(b: _Build) -> None:
             return False
         batches = None
         if d.recal_batches:
-            batches = _training_batches(loader, d.recal_batches, seed * 1_000_003 + epoch)
+            batches = SampledBatches(
+                loader,
+                d.recal_batches,
+                seed * 1_000_003 + epoch,
+                where="dyrep",
+                setting="dyrep.recal_batches",
+                reseed=False,
+            )
         report = dyrep.maybe_adjust(epoch, batches)
         return report is not None and report.changed
 

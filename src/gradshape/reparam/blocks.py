@@ -56,6 +56,7 @@ __all__ = [
     "PointwiseBranch",
     "RepVGGBlock",
     "ReparamBlock",
+    "conv_from_kernel",
     "conversion_obstacle",
 ]
 
@@ -87,6 +88,35 @@ def _bias(conv: nn.Conv2d) -> torch.Tensor:
 
 def _fold(kernel: torch.Tensor, bias: torch.Tensor, bn: nn.Module | None) -> KernelBias:
     return (kernel, bias) if bn is None else fold_batchnorm(kernel, bias, bn)
+
+
+def conv_from_kernel(like: nn.Module, kernel: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
+    """A new plain ``nn.Conv2d`` holding ``kernel`` and ``bias`` (``None``: no bias), on
+    ``kernel``'s device and dtype, with the geometry of ``like`` (a conv or a block standing in
+    for one: its ``in_channels``, ``out_channels``, ``kernel_size``, ``stride``, ``padding``,
+    ``dilation``, ``groups`` and ``padding_mode``).
+
+    The conv is built with PyTorch's default initialisation (drawn from the global RNG) and
+    then overwritten.
+    """
+    conv = nn.Conv2d(
+        like.in_channels,
+        like.out_channels,
+        like.kernel_size,
+        like.stride,
+        like.padding,
+        like.dilation,
+        like.groups,
+        bias=bias is not None,
+        padding_mode=like.padding_mode,
+        device=kernel.device,
+        dtype=kernel.dtype,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(kernel)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    return conv
 
 
 def conversion_obstacle(conv: nn.Module) -> str:
@@ -396,6 +426,21 @@ class ReparamBlock(nn.Module):
             norm=self._norm(),
         )
 
+    def _pointwise_branch(self, mid_channels: int, *, pooling: bool) -> PointwiseBranch:
+        """1×1 (``in → mid``) → K×K conv or average pooling, with the block's geometry."""
+        return PointwiseBranch(
+            self.in_channels,
+            mid_channels,
+            self.out_channels,
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            groups=self.groups,
+            padding_mode=self.padding_mode,
+            pooling=pooling,
+            norms=(self._norm(mid_channels), self._norm()),
+        )
+
     def _silence_side_branches(self) -> None:
         """Make every branch but ``dense`` output zero."""
         for branch in self.children():
@@ -516,23 +561,7 @@ class ReparamBlock(nn.Module):
 
     def fused(self) -> nn.Conv2d:
         """A new plain ``nn.Conv2d`` (with bias) equal to this block in eval mode."""
-        kernel, bias = self.get_equivalent_kernel_bias()
-        conv = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            groups=self.groups,
-            bias=True,
-            padding_mode=self.padding_mode,
-            device=kernel.device,
-            dtype=kernel.dtype,
-        )
-        with torch.no_grad():
-            conv.weight.copy_(kernel)
-            conv.bias.copy_(bias)
-        return conv
+        return conv_from_kernel(self, *self.get_equivalent_kernel_bias())
 
     def extra_repr(self) -> str:
         return (
@@ -655,20 +684,6 @@ class DiverseBranchBlock(ReparamBlock):
             with torch.no_grad():
                 self.seq.pointwise.weight.copy_(identity_kernel(inner, self.groups, (1, 1)))
         self.avg = self._pointwise_branch(self.out_channels, pooling=True)
-
-    def _pointwise_branch(self, mid_channels: int, *, pooling: bool) -> PointwiseBranch:
-        return PointwiseBranch(
-            self.in_channels,
-            mid_channels,
-            self.out_channels,
-            kernel_size=self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            groups=self.groups,
-            padding_mode=self.padding_mode,
-            pooling=pooling,
-            norms=(self._norm(mid_channels), self._norm()),
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense(x) + self.pointwise(x) + self.seq(x) + self.avg(x)

@@ -11,7 +11,7 @@ import copy
 import itertools
 import warnings
 from collections import Counter
-from collections.abc import Container, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -38,6 +38,7 @@ __all__ = [
     "following_batchnorms",
     "fuse",
     "max_output_difference",
+    "selected_convs",
 ]
 
 #: The block each ``kind`` of :func:`convert` builds.
@@ -52,6 +53,27 @@ class Conversion(NamedTuple):
     model: nn.Module
     converted: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...]
+
+
+def selected_convs(
+    modules: Mapping[str, nn.Module],
+    include: Callable[[str, nn.Module], bool] | None,
+    exclude: Callable[[str, nn.Module], bool] | None,
+    skipped: list[tuple[str, str]],
+) -> Iterator[tuple[str, nn.modules.conv._ConvNd]]:
+    """The convolutions of ``modules`` (name → module) that ``include`` selects (``None``:
+    all), in order; those ``exclude`` matches are appended to ``skipped`` as
+    ``(name, "excluded")`` instead.  ``include`` and ``exclude`` are predicates
+    ``(name, module) -> bool`` as :func:`gradshape.selection.layer_predicate` makes them."""
+    for name, module in modules.items():
+        if not isinstance(module, nn.modules.conv._ConvNd):
+            continue
+        if include is not None and not include(name, module):
+            continue
+        if exclude is not None and exclude(name, module):
+            skipped.append((name, "excluded"))
+            continue
+        yield name, module
 
 
 def following_batchnorms(model: nn.Module, example_inputs: Any = None) -> dict[str, str]:
@@ -389,14 +411,7 @@ def convert(
 
     plan: list[tuple[str, str | None]] = []
     skipped: list[tuple[str, str]] = []
-    for name, module in modules.items():
-        if not isinstance(module, nn.modules.conv._ConvNd):
-            continue
-        if inc is not None and not inc(name, module):
-            continue
-        if exc is not None and exc(name, module):
-            skipped.append((name, "excluded"))
-            continue
+    for name, module in selected_convs(modules, inc, exc, skipped):
         bn_name = None
         if any(name.startswith(f"{b}.") for b in blocks):
             reason = "already inside a reparameterization block"

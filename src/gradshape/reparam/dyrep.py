@@ -32,10 +32,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..batches import batch_input, run_model, to_device
 from ..distributed import all_reduce_, check_same_on_all_ranks, fail_together, rank_and_world
 from ..selection import LayerSelector, layer_predicate, unwrap_model
 from ..transform import GradientTransform
-from .blocks import ConvBranch, PointwiseBranch, ReparamBlock, conversion_obstacle
+from .blocks import (
+    ConvBranch,
+    PointwiseBranch,
+    ReparamBlock,
+    conv_from_kernel,
+    conversion_obstacle,
+)
 from .convert import following_batchnorms
 from .fusion import (
     KernelBias,
@@ -200,18 +207,7 @@ class DyRepBlock(ReparamBlock):
         if name == "identity":
             return self._norm(self.in_channels)
         mid = self.in_channels if name == "seq" else self.out_channels
-        return PointwiseBranch(
-            self.in_channels,
-            mid,
-            self.out_channels,
-            kernel_size=self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            groups=self.groups,
-            padding_mode=self.padding_mode,
-            pooling=name == "avg",
-            norms=(self._norm(mid), self._norm()),
-        )
+        return self._pointwise_branch(mid, pooling=name == "avg")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.dense(x)
@@ -319,6 +315,24 @@ class DyRepBlock(ReparamBlock):
             norm.bias.copy_(bias)
 
     @classmethod
+    def _in_place_of(cls, conv: nn.Conv2d, branches: Sequence[str] | None = None) -> DyRepBlock:
+        """A block of ``conv``'s geometry (with a dense bias) on its device and dtype, freshly
+        initialised without consuming the global RNG."""
+        with torch.random.fork_rng(devices=[]):
+            block = cls(
+                conv.in_channels,
+                conv.out_channels,
+                tuple(conv.kernel_size),
+                tuple(conv.stride),
+                _conv_padding(conv),
+                conv.groups,
+                bias=True,
+                padding_mode=conv.padding_mode,
+                branches=branches,
+            )
+        return block.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+    @classmethod
     def grown_from(cls, conv: nn.Conv2d, *, generator: torch.Generator | None = None) -> DyRepBlock:
         """The block DyRep grows ``conv`` into, equal to it in eval mode.
 
@@ -341,18 +355,7 @@ class DyRepBlock(ReparamBlock):
             raise ValueError(f"DyRepBlock.grown_from: {obstacle}")
         weight = conv.weight.detach().clone()
         bias = _conv_kernel_bias(conv)[1].detach().clone()
-        with torch.random.fork_rng(devices=[]):
-            block = cls(
-                conv.in_channels,
-                conv.out_channels,
-                tuple(conv.kernel_size),
-                tuple(conv.stride),
-                _conv_padding(conv),
-                conv.groups,
-                bias=True,
-                padding_mode=conv.padding_mode,
-            )
-        block = block.to(device=weight.device, dtype=weight.dtype)
+        block = cls._in_place_of(conv)
         with torch.no_grad():
             for name in block.branches[1:]:
                 for module in getattr(block, name).modules():
@@ -423,25 +426,6 @@ def branches_to_cut(
     return tuple(n for n, r in ratios.items() if r < mean and r < threshold)
 
 
-def _batch_input(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor | Mapping):
-        return batch
-    if isinstance(batch, tuple | list) and batch:
-        return batch[0]
-    raise TypeError(
-        "recalibration batches must be tensors, (input, target, ...) tuples or dicts of model "
-        f"keyword arguments; got {type(batch).__name__}"
-    )
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, Mapping):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
-
-
 def recalibrate_batchnorm(
     model: nn.Module, norms: Sequence[nn.modules.batchnorm._BatchNorm], batches: Iterable[Any]
 ) -> int:
@@ -470,11 +454,7 @@ def recalibrate_batchnorm(
             bn.train()
         with fail_together("DyRep BatchNorm recalibration"), torch.no_grad():
             for batch in batches:
-                inputs = _to(_batch_input(batch), device)
-                if isinstance(inputs, Mapping):
-                    model(**inputs)
-                else:
-                    model(inputs)
+                run_model(model, to_device(batch_input(batch, "recalibration"), device))
                 seen += 1
             if not seen:
                 raise ValueError("recalibrate_batchnorm: the batch iterable is empty")
@@ -507,23 +487,7 @@ def _fold_following(model: nn.Module) -> None:
         conv, bn = modules[conv_name], modules[bn_name]
         if type(conv) is not nn.Conv2d or bn.running_mean is None:
             continue
-        kernel, bias = _fold_bn(conv.weight, conv.bias, bn)
-        folded = nn.Conv2d(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            bias=True,
-            padding_mode=conv.padding_mode,
-            device=kernel.device,
-            dtype=kernel.dtype,
-        )
-        with torch.no_grad():
-            folded.weight.copy_(kernel)
-            folded.bias.copy_(bias)
+        folded = conv_from_kernel(conv, *_fold_bn(conv.weight, conv.bias, bn))
         model.set_submodule(conv_name, folded)
         model.set_submodule(bn_name, nn.Identity())
 
@@ -1159,20 +1123,10 @@ class DyRep(GradientTransform):
                 )
             if kind not in ("block", "conv"):
                 raise ValueError(f"{where}: unknown structure entry {kind!r} at {path!r}")
-            with torch.random.fork_rng(devices=[]):
-                if kind == "block":
-                    new: nn.Module = DyRepBlock(
-                        conv.in_channels,
-                        conv.out_channels,
-                        tuple(conv.kernel_size),
-                        tuple(conv.stride),
-                        _conv_padding(conv),
-                        conv.groups,
-                        bias=True,
-                        padding_mode=conv.padding_mode,
-                        branches=branches,
-                    )
-                else:
+            if kind == "block":
+                new: nn.Module = DyRepBlock._in_place_of(conv, branches)
+            else:
+                with torch.random.fork_rng(devices=[]):
                     new = nn.Conv2d(
                         conv.in_channels,
                         conv.out_channels,
@@ -1183,8 +1137,8 @@ class DyRep(GradientTransform):
                         bias=True,
                         padding_mode=conv.padding_mode,
                     )
-                    self._collapsed.add(path)
-            new = new.to(device=conv.weight.device, dtype=conv.weight.dtype)
+                new = new.to(device=conv.weight.device, dtype=conv.weight.dtype)
+                self._collapsed.add(path)
             new.train(conv.training)
             self._replace(path, new, assigned)
         self._sync_optimizer(before, assigned)

@@ -40,8 +40,8 @@ from torch import nn
 from ..selection import LayerSelector, layer_predicate
 from ..spatial import SpatialGradientScaling
 from ..transform import Composed, ParameterTransform, compose
-from .blocks import ReparamBlock, conversion_obstacle
-from .convert import Conversion
+from .blocks import ReparamBlock, conv_from_kernel, conversion_obstacle
+from .convert import Conversion, selected_convs
 from .fusion import identity_kernel, pad_to_kernel
 
 __all__ = [
@@ -117,6 +117,7 @@ class CSLABlock(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.groups = kernel, stride, groups
         self.padding = (kernel[0] // 2, kernel[1] // 2)
+        self.dilation = (1, 1)  # as the conv it stands in for (read by conv_from_kernel)
         self.padding_mode = padding_mode
         main = nn.Conv2d(in_channels, out_channels, kernel, stride, groups=groups, bias=bias)
         side = nn.Conv2d(in_channels, out_channels, 1, stride, groups=groups, bias=False)
@@ -167,23 +168,9 @@ class CSLABlock(nn.Module):
 
     def fused(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` computing the same function (:meth:`merged_kernel`)."""
-        conv = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            groups=self.groups,
-            bias=self.bias is not None,
-            padding_mode=self.padding_mode,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
         with torch.no_grad():
-            conv.weight.copy_(self.merged_kernel())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+            kernel = self.merged_kernel()
+        return conv_from_kernel(self, kernel, self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -246,14 +233,7 @@ def convert_csla(
     uses = Counter(id(m) for _, m in work.named_modules(remove_duplicate=False))
     inside = [n for n, m in modules.items() if isinstance(m, ReparamBlock | CSLABlock)]
     plan, skipped = [], []
-    for name, module in modules.items():
-        if not isinstance(module, nn.modules.conv._ConvNd):
-            continue
-        if inc is not None and not inc(name, module):
-            continue
-        if exc is not None and exc(name, module):
-            skipped.append((name, "excluded"))
-            continue
+    for name, module in selected_convs(modules, inc, exc, skipped):
         reason = _csla_obstacle(module)
         if not reason and uses[id(module)] > 1:
             reason = "the same module is used under several names"
