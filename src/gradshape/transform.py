@@ -157,9 +157,7 @@ class ParameterTransform(GradientTransform):
                 for name, p in self._params.items():
                     self._param_handles[name] = self._hook_gradient(name, p)
                 if self._watch is not None:
-                    self._handles.append(
-                        self._watch.register_forward_pre_hook(_ForwardWatch(self))
-                    )
+                    self._handles.append(self._watch.register_forward_pre_hook(_ForwardWatch(self)))
             else:
                 self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
                 self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
