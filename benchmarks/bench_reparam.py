@@ -16,7 +16,12 @@ measures, in one run and interleaved so that machine noise hits every variant al
 
 Variants: ``plain``; ``sgs`` (``gs.SpatialGradientScaling`` in gradient mode with fixed
 scalings, i.e. the per-step cost without refreshes); ``acb``, ``repvgg``, ``dbb`` (per-branch
-BatchNorm, as the papers train).  Run ``python -m benchmarks.bench_reparam [--quick]``.
+BatchNorm, as the papers train); ``dyrep`` (the plain net with :class:`~gradshape.reparam.DyRep`
+recording saliency every step, as at the start of a run) and ``dyrep grown`` (after one
+adjustment per conv, each from one step's scores: its most grown state, as late in a long run);
+``repopt search`` (the CSLA hyper-search structure) and ``repopt`` (the target run: the plain
+net with the per-weight multipliers derived from it).  Run
+``python -m benchmarks.bench_reparam [--quick]``.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from gradshape import reparam
 
 from .common import current_rss, peak_rss, reset_peak_rss, synchronize, timed
 
-VARIANTS = ("plain", "sgs", "acb", "repvgg", "dbb")
+VARIANTS = (
+    "plain", "sgs", "acb", "repvgg", "dbb", "dyrep", "dyrep grown", "repopt search", "repopt",
+)  # fmt: skip
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -86,37 +93,57 @@ def small_resnet(width: int, classes: int = 10) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
 
 
-def build(variant: str, factory: Callable[[], nn.Module], device: torch.device):
-    """The model to train for ``variant`` and the SGS object to keep alive (or None)."""
-    torch.manual_seed(0)
-    model = factory()
-    sgs = None
-    if variant == "sgs":
-        sgs = gs.SpatialGradientScaling(model)
-        for name in sgs.scalings:
-            sgs.set_scaling(name, gs.branch_scaling("acb", 3))
-    elif variant != "plain":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the 1×1 shortcuts are skipped, on purpose
-            model = reparam.convert(model, variant).model
-    return model.to(device), sgs
+class Variant:
+    """One variant's model, optimizer and training step (and what must stay alive with it)."""
+
+    def __init__(self, variant: str, factory: Callable[[], nn.Module], x, y, device) -> None:
+        torch.manual_seed(0)
+        model = factory()
+        self.transform = None
+        self.dyrep: reparam.DyRep | None = None
+        if variant in ("acb", "repvgg", "dbb"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the 1×1 shortcuts are skipped, on purpose
+                model = reparam.convert(model, variant).model
+        elif variant == "repopt search":
+            model = reparam.convert_csla(model).model
+        self.model = model.to(device)
+        self.x, self.y = x, y
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4
+        )
+        if variant == "sgs":
+            self.transform = gs.SpatialGradientScaling(self.model)
+            for name in self.transform.scalings:
+                self.transform.set_scaling(name, gs.branch_scaling("acb", 3))
+        elif variant == "repopt":
+            search = reparam.convert_csla(factory()).model
+            self.transform = reparam.attach_repopt(
+                self.model, reparam.repopt_scalings(search, "sgd"), self.optimizer
+            )
+        elif variant.startswith("dyrep"):
+            self.dyrep = reparam.DyRep(self.model, self.optimizer)
+            if variant == "dyrep grown":
+                for _ in range(len(self.dyrep.candidates)):
+                    self.step()
+                    self.dyrep.adjust()
+        self.model.train()
+
+    def step(self) -> None:
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.dyrep is not None:
+            self.dyrep.record()
+        self.optimizer.step()
+
+    def remove(self) -> None:
+        if self.transform is not None:
+            self.transform.remove()
 
 
 def params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    model.train()
-
-    def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def time_steps(step: Callable[[], None], n: int, device: torch.device) -> list[float]:
@@ -202,30 +229,35 @@ def run(device: torch.device, quick: bool = False) -> str:
         "| network | variant | params (train) | step ms | × plain | peak step MiB | × plain |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+    grown: list[str] = []
     for net_name, factory in nets.items():
-        built = {v: build(v, factory, device) for v in VARIANTS}
-        steps = {v: make_step(built[v][0], x, y) for v in VARIANTS}
+        built = {v: Variant(v, factory, x, y, device) for v in VARIANTS}
+        structure = built["dyrep grown"].dyrep.structure()
+        blocks = [branches for _, kind, branches in structure if kind == "block"]
+        grown.append(
+            f"{net_name}: {len(blocks)} blocks after {len(built['dyrep'].dyrep.candidates)} "
+            f"adjustments, {sum(map(len, blocks))} branches in all"
+        )
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for v in VARIANTS:
-            time_steps(steps[v], 2, device)
+            time_steps(built[v].step, 2, device)
         for _ in range(rounds):
             for v in VARIANTS:
-                times[v] += time_steps(steps[v], per_round, device)
+                times[v] += time_steps(built[v].step, per_round, device)
         with _rss_follows_live_tensors():
             memory = {
-                v: _median_or_none(peak_step_memory(steps[v], device) for _ in range(3))
+                v: _median_or_none(peak_step_memory(built[v].step, device) for _ in range(3))
                 for v in VARIANTS
             }
         median = {v: statistics.median(times[v]) for v in VARIANTS}
         for v in VARIANTS:
             lines.append(
-                f"| {net_name} | {v} | {params(built[v][0]):,} | {median[v] * 1e3:.1f} | "
+                f"| {net_name} | {v} | {params(built[v].model):,} | {median[v] * 1e3:.1f} | "
                 f"{median[v] / median['plain']:.2f}× | {_mib(memory[v])} | "
                 f"{_ratio(memory[v], memory['plain'])} |"
             )
-        for _, sgs in built.values():
-            if sgs is not None:
-                sgs.remove()
+            built[v].remove()
+    lines += ["", "`dyrep grown`: " + "; ".join(grown) + "."]
     lines.append("")
     return "\n".join(lines)
 

@@ -159,6 +159,26 @@ def test_compiled_engine_leaves_the_thread_settings_as_they_were():
         torch.set_num_threads(torch_before)
 
 
+@needs_numba
+def test_attaching_sgs_loads_the_kernel_once_in_the_background(monkeypatch):
+    monkeypatch.setattr(_kernels, "_warming", None)
+    started = []
+    monkeypatch.setattr(_kernels, "warm_up", lambda: started.append(True))
+    import gradshape as gs
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3))
+    first = gs.SpatialGradientScaling(model)
+    thread = _kernels._warming
+    thread.join(timeout=60)
+    first.remove()
+    gs.SpatialGradientScaling(model).remove()  # a second attach starts nothing new
+    gs.SpatialGradientScaling(model, engine="torch").remove()
+    assert _kernels._warming is thread and started == [True]
+    monkeypatch.undo()
+    _kernels.warm_up()  # float32 and float64 maps
+    assert len(_kernels._joint_counts.signatures) >= 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("mask_kind", [None, "random"])
 @pytest.mark.parametrize("name", ["3x3", "1d", "3d", "atrous-dead"])

@@ -27,6 +27,8 @@ How (channels run in parallel, one channel per task):
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 try:
@@ -34,7 +36,14 @@ try:
 except ImportError:  # pragma: no cover - exercised when the optional extra is absent
     numba = None
 
-__all__ = ["available", "joint_counts", "set_thread_count", "thread_count", "warm_up"]
+__all__ = [
+    "available",
+    "joint_counts",
+    "set_thread_count",
+    "thread_count",
+    "warm_up",
+    "warm_up_in_background",
+]
 
 
 def available() -> bool:
@@ -285,3 +294,24 @@ def warm_up() -> None:
         joint_counts(
             x, None, ((0, 0),), offsets, ranges, ranges, ranges, ranges, nbins, None, False, out
         )
+
+
+_warming: threading.Thread | None = None
+_warming_lock = threading.Lock()
+
+
+def warm_up_in_background() -> None:
+    """Start :func:`warm_up` in a daemon thread, once per process (a no-op without numba).
+
+    Called when a layer is attached that the compiled engine may measure, so that loading (or
+    compiling) the kernel overlaps the warm-up epoch instead of delaying the first refresh.
+    """
+    global _warming
+    if numba is None:
+        return
+    with _warming_lock:
+        if _warming is None:
+            _warming = threading.Thread(
+                target=warm_up, name="gradshape-kernel-warm-up", daemon=True
+            )
+            _warming.start()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import _kernels
 from .dependence import MEASURES
 from .distributed import check_same_on_all_ranks
 from .refresh import Measurement, SampledBatches, make_accumulator_factory, measure_layers
@@ -480,6 +481,8 @@ class SpatialGradientScaling(ParameterTransform):
             optimizer=optimizer,
             watch=self._forward_model,
         )
+        if engine != "torch" and measure == "nmi":
+            _kernels.warm_up_in_background()  # the kernel loads during the warm-up epoch
 
     @staticmethod
     def _check_shared_weights(convs: Mapping[str, nn.Module]) -> None:
