@@ -220,7 +220,58 @@ def lr_markdown() -> str:
             + ("–" if ci is None else f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]")
             + " |"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *_rate_effect_lines()])
+
+
+def rate_effects() -> list[tuple[float, str, dict[str, Any]]]:
+    """``(rate, method, paired Δ)`` for baseline and SGS at every other swept rate against
+    themselves at the main part's rate, paired on the seeds both ran (same images, order,
+    augmentation and initial weights)."""
+    rates = [(lr, part) for lr, part in LR_SWEEP if (RESULTS / part / "results.json").is_file()]
+    if "conv-main" not in (part for _, part in rates):
+        return []
+    main_lr = next(lr for lr, part in rates if part == "conv-main")
+    reference = load_results(RESULTS / "conv-main")
+    effects = []
+    for lr, part in rates:
+        if part == "conv-main":
+            continue
+        runs = load_results(RESULTS / part)
+        for method in ("baseline", "sgs"):
+            seeds = {r["seed"] for r in runs if r["method"] == method}
+            pair = [
+                dict(r, method=name)
+                for name, pool in ((f"at {main_lr:g}", reference), (f"at {lr:g}", runs))
+                for r in pool
+                if r["method"] == method and r["seed"] in seeds
+            ]
+            if seeds:
+                row = summarize_records(pair, f"at {main_lr:g}")["methods"][1]
+                effects.append((lr, method, row["paired_diff"]))
+    return effects
+
+
+def _rate_effect_lines() -> list[str]:
+    effects = rate_effects()
+    if not effects:
+        return []
+    main_lr = dict((part, lr) for lr, part in LR_SWEEP)["conv-main"]
+    lines = [
+        f"The rate itself: each method against itself at {main_lr:g}, paired on the seeds both "
+        "rates ran.",
+        "",
+        f"| learning rate | method | seeds | Δ vs the same method at {main_lr:g} (paired) "
+        "| 95% CI of Δ |",
+        "|---|---|---|---|---|",
+    ]
+    for lr, method, diff in effects:
+        ci = diff["ci"]
+        lines.append(
+            f"| {lr:g} | {method} | {diff['n']} | {100 * diff['mean']:+.2f} | "
+            + ("–" if ci is None else f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]")
+            + " |"
+        )
+    return lines
 
 
 def view_markdown(name: str, records: list[dict[str, Any]]) -> str:
@@ -449,7 +500,10 @@ def _protocol_body(name: str, views: dict[str, list[dict[str, Any]] | None]) -> 
         return f"*(not run yet: `bash experiments/{script}.sh` runs its parts)*"
     records = [r for p in present for r in load_results(RESULTS / p)]
     done = {v: views[v] for v in PROTOCOLS[name] if views.get(v) is not None}
-    body = protocol_markdown(protocol_facts(records), present, count_intervals(done))
+    intervals = count_intervals(done)
+    if name == "converged":  # the learning-rate table's own intervals
+        intervals += sum(diff["ci"] is not None for _, _, diff in rate_effects())
+    body = protocol_markdown(protocol_facts(records), present, intervals)
     missing = [p for p in parts if p not in present]
     if missing:
         body += f"\n\nNot run yet: {', '.join(f'`{p}`' for p in missing)}."

@@ -229,3 +229,22 @@ def test_learning_rate_table_pairs_each_rate_within_its_part(summarize, tmp_path
     half = 12.706204736174698 * 0.5
     assert f"[{1.5 - half:+.2f}, {1.5 + half:+.2f}]" in table[2]
     assert table[3] == "| 0.05 | *(not run yet)* | | | | |"
+
+
+def test_rate_effect_pairs_each_method_with_itself_on_common_seeds(summarize, tmp_path):
+    main = [_record("baseline", s, a) for s, a in ((0, 0.80), (1, 0.82), (2, 0.90))]
+    main += [_record("sgs", s, a) for s, a in ((0, 0.81), (1, 0.83), (2, 0.90))]
+    _write(tmp_path / "results/conv-main", main)
+    low = [_record("baseline", s, a, optim__lr=0.025) for s, a in ((0, 0.78), (1, 0.81))]
+    low += [_record("sgs", s, a, optim__lr=0.025) for s, a in ((0, 0.81), (1, 0.83))]
+    _write(tmp_path / "results/conv-lr-0.025", low)
+    effects = {(lr, m): d for lr, m, d in summarize.rate_effects()}
+    assert set(effects) == {(0.025, "baseline"), (0.025, "sgs")}
+    # seed 2 ran only at 0.05 and is left out: differences -2 and -1 points, then 0 and 0
+    base, sgs = effects[(0.025, "baseline")], effects[(0.025, "sgs")]
+    assert base["n"] == 2 and base["mean"] == pytest.approx(-0.015, abs=1e-12)
+    half = 12.706204736174698 * 0.005
+    assert base["ci"] == pytest.approx((-0.015 - half, -0.015 + half), abs=1e-9)
+    assert sgs["mean"] == pytest.approx(0.0, abs=1e-12)
+    lines = summarize.lr_markdown().splitlines()
+    assert "| 0.025 | baseline | 2 | -1.50 | [" in "\n".join(lines)
