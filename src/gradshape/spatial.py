@@ -481,7 +481,8 @@ class SpatialGradientScaling(ParameterTransform):
             optimizer=optimizer,
             watch=self._forward_model,
         )
-        if engine != "torch" and measure == "nmi":
+        on_cpu = any(_weight_parameter(m).device.type == "cpu" for m in convs.values())
+        if engine != "torch" and measure == "nmi" and on_cpu:
             _kernels.warm_up_in_background()  # the kernel loads during the warm-up epoch
 
     @staticmethod
