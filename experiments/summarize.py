@@ -419,13 +419,17 @@ def _value(counter: Counter) -> str:
 def count_intervals(view_records_by_name: dict[str, list[dict[str, Any]]]) -> int:
     """How many distinct paired 95 % intervals of Δ the views' tables show.
 
-    An interval is one method's runs against one set of baseline runs with at least two
-    seeds in common; a row that two views share (the same runs) counts once.
+    An interval is one method's runs against one set of reference runs (the baseline, or the
+    view's entry in :data:`REFERENCES`) with at least two seeds in common; a row that two views
+    share (the same runs) counts once.
     """
     seen = set()
-    for records in view_records_by_name.values():
-        base = tuple(sorted((r["seed"], r["test_acc"]) for r in records if r["method"] == BASELINE))
-        for row in summarize_records(records)["methods"]:
+    for name, records in view_records_by_name.items():
+        reference = REFERENCES.get(name, BASELINE)
+        base = tuple(
+            sorted((r["seed"], r["test_acc"]) for r in records if r["method"] == reference)
+        )
+        for row in summarize_records(records, reference)["methods"]:
             diff = row["paired_diff"]
             if diff is None or diff["ci"] is None:
                 continue

@@ -192,6 +192,11 @@ def test_intervals_shared_by_views_count_once(summarize):
     single = [_record("pgt", 0, 0.7)]  # one seed: no interval
     views = {"a": base + sgs, "b": base + sgs + cdg + single}
     assert summarize.count_intervals(views) == 2
+    # a view paired against another method than the baseline counts against that method
+    acb = [_record("acb", s, 0.80 + 0.02 * s) for s in range(3)]
+    views["conv-lemma1"] = [dict(r, method="branch") for r in sgs] + acb
+    summarize.REFERENCES["conv-lemma1"] = "acb"
+    assert summarize.count_intervals(views) == 3
 
 
 @pytest.mark.parametrize("study", ["short", "converged"])
