@@ -215,12 +215,9 @@ def lr_markdown() -> str:
             lines.append(f"| {lr:g} | *(incomplete)* | | | | |")
             continue
         base, sgs, diff = rows["baseline"], rows["sgs"], rows["sgs"]["paired_diff"]
-        ci = diff["ci"]
         lines.append(
             f"| {lr:g} | {diff['n']} | {100 * base['test_acc']['mean']:.2f} | "
-            f"{100 * sgs['test_acc']['mean']:.2f} | {100 * diff['mean']:+.2f} | "
-            + ("–" if ci is None else f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]")
-            + " |"
+            f"{100 * sgs['test_acc']['mean']:.2f} | {_delta_cells(diff)} |"
         )
     return "\n".join([*lines, "", *_rate_effect_lines()])
 
@@ -241,15 +238,16 @@ def rate_effects() -> list[tuple[float, str, dict[str, Any]]]:
         runs = load_results(RESULTS / part)
         for method in ("baseline", "sgs"):
             seeds = {r["seed"] for r in runs if r["method"] == method}
+            if not seeds:
+                continue
             pair = [
                 dict(r, method=name)
                 for name, pool in ((f"at {main_lr:g}", reference), (f"at {lr:g}", runs))
                 for r in pool
                 if r["method"] == method and r["seed"] in seeds
             ]
-            if seeds:
-                row = summarize_records(pair, f"at {main_lr:g}")["methods"][1]
-                effects.append((lr, method, row["paired_diff"]))
+            row = summarize_records(pair, f"at {main_lr:g}")["methods"][1]
+            effects.append((lr, method, row["paired_diff"]))
     return effects
 
 
@@ -267,13 +265,15 @@ def _rate_effect_lines() -> list[str]:
         "|---|---|---|---|---|",
     ]
     for lr, method, diff in effects:
-        ci = diff["ci"]
-        lines.append(
-            f"| {lr:g} | {method} | {diff['n']} | {100 * diff['mean']:+.2f} | "
-            + ("–" if ci is None else f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]")
-            + " |"
-        )
+        lines.append(f"| {lr:g} | {method} | {diff['n']} | {_delta_cells(diff)} |")
     return lines
+
+
+def _delta_cells(diff: dict[str, Any]) -> str:
+    """A paired Δ's mean and 95 % interval as two table cells, in points."""
+    ci = diff["ci"]
+    interval = "–" if ci is None else f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
+    return f"{100 * diff['mean']:+.2f} | {interval}"
 
 
 def view_markdown(name: str, records: list[dict[str, Any]]) -> str:
