@@ -30,6 +30,8 @@ untimed), the anchor on the host, and the accumulator's state is checked to live
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 
 import gradshape as gs
@@ -166,18 +168,27 @@ def _histogram_stage(x: torch.Tensor, device: torch.device, rounds: int) -> list
     variants = _stage_variants(device)
     times, diff = _stage(x, 3, device, rounds, variants)
     pairs = _pairs(tuple(x.shape), 3)
+    rows = _against_anchor(times, variants, "ns per pixel pair", lambda t: f"{t / pairs * 1e9:.2f}")
+    rows += ["", f"{pairs:,} pixel pairs (3×3, padding 1); max |ΔS| against the anchor {diff:.1e}."]
+    return rows
+
+
+def _against_anchor(
+    times: dict[str, float], variants: Iterable[str], column: str, cell: Callable[[float], str]
+) -> list[str]:
+    """A table of the anchor and each variant: seconds, ``cell(seconds)`` under ``column``, and
+    the anchor's time over the variant's."""
     rows = [
-        "| implementation | s | ns per pixel pair | anchor / this |",
+        f"| implementation | s | {column} | anchor / this |",
         "| --- | ---: | ---: | ---: |",
-        f"| anchor (authors' loop, 1 thread) | {times['anchor']:.3f} | "
-        f"{times['anchor'] / pairs * 1e9:.2f} | 1.00× |",
+        f"| anchor (authors' loop, 1 thread) | {times['anchor']:.3f} | {cell(times['anchor'])} | "
+        "1.00× |",
     ]
     for v in variants:
         rows.append(
-            f"| gradshape {v} | {times[v]:.3f} | {times[v] / pairs * 1e9:.2f} | "
+            f"| gradshape {v} | {times[v]:.3f} | {cell(times[v])} | "
             f"{ratio(times['anchor'], times[v])} |"
         )
-    rows += ["", f"{pairs:,} pixel pairs (3×3, padding 1); max |ΔS| against the anchor {diff:.1e}."]
     return rows
 
 
@@ -226,16 +237,10 @@ def _depthwise(x: torch.Tensor, device: torch.device, rounds: int) -> list[str]:
         f"Map ({n}, {c}, {h}, {w}), depthwise 7×7, padding 3; a forward of that layer takes "
         f"{t_forward * 1e3:.1f} ms here.",
         "",
-        "| implementation | s | × the layer's forward | anchor / this |",
-        "| --- | ---: | ---: | ---: |",
-        f"| anchor (authors' loop, 1 thread) | {times['anchor']:.3f} | "
-        f"{times['anchor'] / t_forward:.0f} | 1.00× |",
+        *_against_anchor(
+            times, variants, "× the layer's forward", lambda t: f"{t / t_forward:.0f}"
+        ),
     ]
-    for v in variants:
-        rows.append(
-            f"| gradshape {v} | {times[v]:.3f} | {times[v] / t_forward:.0f} | "
-            f"{ratio(times['anchor'], times[v])} |"
-        )
     rows += ["", f"max |ΔS| against the anchor {diff:.1e}."]
     return rows
 
