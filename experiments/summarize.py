@@ -85,6 +85,8 @@ CHOICES: dict[str, str] = {
 
 #: The learning-rate sweep: (learning rate, part) in order; see :func:`lr_markdown`.
 LR_SWEEP = ((0.025, "conv-lr-0.025"), (0.05, "conv-main"), (0.1, "conv-lr-0.1"))
+# The main part's rate, against which each method's rate effect is paired.
+_MAIN_LR = dict((part, lr) for lr, part in LR_SWEEP)["conv-main"]
 
 #: view name -> what its block in EXPERIMENTS.md shows besides the table: "gap" (fit and
 #: train-test gap table), "curves" (learning curves), "paired" (Δ per seed against the baseline).
@@ -229,7 +231,6 @@ def rate_effects() -> list[tuple[float, str, dict[str, Any]]]:
     rates = [(lr, part) for lr, part in LR_SWEEP if (RESULTS / part / "results.json").is_file()]
     if "conv-main" not in (part for _, part in rates):
         return []
-    main_lr = next(lr for lr, part in rates if part == "conv-main")
     reference = load_results(RESULTS / "conv-main")
     effects = []
     for lr, part in rates:
@@ -242,11 +243,11 @@ def rate_effects() -> list[tuple[float, str, dict[str, Any]]]:
                 continue
             pair = [
                 dict(r, method=name)
-                for name, pool in ((f"at {main_lr:g}", reference), (f"at {lr:g}", runs))
+                for name, pool in ((f"at {_MAIN_LR:g}", reference), (f"at {lr:g}", runs))
                 for r in pool
                 if r["method"] == method and r["seed"] in seeds
             ]
-            row = summarize_records(pair, f"at {main_lr:g}")["methods"][1]
+            row = summarize_records(pair, f"at {_MAIN_LR:g}")["methods"][1]
             effects.append((lr, method, row["paired_diff"]))
     return effects
 
@@ -255,12 +256,11 @@ def _rate_effect_lines() -> list[str]:
     effects = rate_effects()
     if not effects:
         return []
-    main_lr = dict((part, lr) for lr, part in LR_SWEEP)["conv-main"]
     lines = [
-        f"The rate itself: each method against itself at {main_lr:g}, paired on the seeds both "
+        f"The rate itself: each method against itself at {_MAIN_LR:g}, paired on the seeds both "
         "rates ran.",
         "",
-        f"| learning rate | method | seeds | Δ vs the same method at {main_lr:g} (paired) "
+        f"| learning rate | method | seeds | Δ vs the same method at {_MAIN_LR:g} (paired) "
         "| 95% CI of Δ |",
         "|---|---|---|---|---|",
     ]

@@ -253,5 +253,4 @@ def test_rate_effect_pairs_each_method_with_itself_on_common_seeds(summarize, tm
     half = 12.706204736174698 * 0.005
     assert base["ci"] == pytest.approx((-0.015 - half, -0.015 + half), abs=1e-9)
     assert sgs["mean"] == pytest.approx(0.0, abs=1e-12)
-    lines = summarize.lr_markdown().splitlines()
-    assert "| 0.025 | baseline | 2 | -1.50 | [" in "\n".join(lines)
+    assert "| 0.025 | baseline | 2 | -1.50 | [" in summarize.lr_markdown()
